@@ -1,0 +1,203 @@
+"""Domain entities: models, immutable versions, aliases, deployments and tokens."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Generic, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+T = TypeVar("T")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class VersionStatus(StrEnum):
+    PENDING = "PENDING"
+    READY = "READY"
+    FAILED = "FAILED"
+
+
+class DeploymentStatus(StrEnum):
+    IN_PROGRESS = "IN_PROGRESS"
+    SUCCEEDED = "SUCCEEDED"
+    ROLLED_BACK = "ROLLED_BACK"
+    FAILED = "FAILED"
+
+    @property
+    def terminal(self) -> bool:
+        return self is not DeploymentStatus.IN_PROGRESS
+
+
+class Strategy(StrEnum):
+    ALL_AT_ONCE = "all_at_once"
+    CANARY = "canary"
+    LINEAR = "linear"
+
+
+class Scope(StrEnum):
+    """Token scopes. ``admin`` implies ``deploy`` which implies ``invoke``."""
+
+    ADMIN = "admin"
+    DEPLOY = "deploy"
+    INVOKE = "invoke"
+
+    def grants(self, needed: Scope) -> bool:
+        order = [Scope.INVOKE, Scope.DEPLOY, Scope.ADMIN]
+        return order.index(self) >= order.index(needed)
+
+
+class TensorSpec(Frozen):
+    """One graph input or output. ``datatype`` uses OIP v2 names (FP32, INT64, BYTES...);
+    ``shape`` uses -1 for dynamic dimensions."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+
+class Signature(Frozen):
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+
+class Model(Frozen):
+    name: str
+    description: str = ""
+    tags: dict[str, str] = Field(default_factory=dict)
+    created_at: datetime = Field(default_factory=utcnow)
+    created_by: str = ""
+
+
+class ModelVersion(Frozen):
+    """A version is immutable once READY; PENDING and FAILED records carry no servable artifact."""
+
+    model: str
+    version: int
+    status: VersionStatus = VersionStatus.PENDING
+    status_reason: str = ""
+    sha256: str | None = None
+    size: int | None = None
+    storage_key: str | None = None
+    storage_version_id: str | None = None
+    framework: str = "onnx"
+    signature: Signature | None = None
+    parent_version: int | None = None
+    upload_id: str | None = None
+    description: str = ""
+    created_by: str = ""
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class Alias(Frozen):
+    model: str
+    alias: str
+    version: int
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class HealthThresholds(Frozen):
+    """Limits a canary must stay within while it bakes (used by progressive strategies)."""
+
+    max_error_rate: float = Field(default=0.01, ge=0, le=1)
+    max_p99_latency_ms: float | None = Field(default=None, gt=0)
+    max_p99_latency_ratio: float | None = Field(default=2.0, gt=0)
+
+
+class DeploymentEvent(Frozen):
+    at: datetime = Field(default_factory=utcnow)
+    kind: str
+    detail: str = ""
+
+
+class Deployment(Frozen):
+    """One deploy operation and, while it is live, the model's traffic routing.
+
+    The live route of a model is the newest IN_PROGRESS deployment if there is one (stable plus a
+    weighted canary), otherwise the newest SUCCEEDED deployment (stable only). Rolling back marks the
+    current deployment ROLLED_BACK, which makes the previous SUCCEEDED one live again.
+    """
+
+    id: str
+    model: str
+    seq: int = 0
+    version: int
+    target: str = "lambda"
+    strategy: Strategy = Strategy.ALL_AT_ONCE
+    stable_version: int | None
+    canary_version: int | None = None
+    canary_weight: float = Field(default=0.0, ge=0, le=100)
+    canary_percent: float = Field(default=10.0, gt=0, le=100)
+    linear_step_percent: float = Field(default=10.0, gt=0, le=100)
+    bake_seconds: int = Field(default=0, ge=0)
+    thresholds: HealthThresholds = Field(default_factory=HealthThresholds)
+    status: DeploymentStatus = DeploymentStatus.IN_PROGRESS
+    events: tuple[DeploymentEvent, ...] = ()
+    created_by: str = ""
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+
+    def with_event(self, kind: str, detail: str = "", **changes: object) -> Deployment:
+        now = utcnow()
+        event = DeploymentEvent(at=now, kind=kind, detail=detail)
+        return self.model_copy(update={**changes, "events": (*self.events, event), "updated_at": now})
+
+    def referenced_versions(self) -> set[int]:
+        refs = {self.version}
+        if self.stable_version is not None:
+            refs.add(self.stable_version)
+        if self.canary_version is not None:
+            refs.add(self.canary_version)
+        return refs
+
+
+class Route(Frozen):
+    """Where a model's unversioned inference requests go right now."""
+
+    model: str
+    stable_version: int
+    canary_version: int | None = None
+    canary_weight: float = 0.0
+    deployment_id: str
+
+
+class Token(Frozen):
+    id: str
+    name: str
+    token_hash: str
+    scopes: tuple[Scope, ...]
+    model: str | None = None
+    created_at: datetime = Field(default_factory=utcnow)
+    created_by: str = ""
+    revoked: bool = False
+
+    def allows(self, needed: Scope, model: str | None = None) -> bool:
+        if self.revoked:
+            return False
+        if self.model is not None and model != self.model:
+            # A model-restricted token acts on that model only, never on global resources.
+            return False
+        return any(scope.grants(needed) for scope in self.scopes)
+
+
+class UploadTarget(Frozen):
+    """Where a client sends a version's bytes: a URL on the server (local) or a presigned URL (S3)."""
+
+    upload_id: str
+    url: str
+    method: str = "PUT"
+    headers: dict[str, str] = Field(default_factory=dict)
+    expires_at: datetime
+
+
+class Page(BaseModel, Generic[T]):
+    items: list[T]
+    next_cursor: str | None = None

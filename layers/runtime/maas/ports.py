@@ -1,0 +1,176 @@
+"""Ports: what the services need from a backend. The local backend (files + SQLite) and the AWS
+backend (S3 + DynamoDB) implement them; services and the API see only these Protocols."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Protocol, runtime_checkable
+
+from maas.domain import (
+    Alias,
+    Deployment,
+    DeploymentStatus,
+    Model,
+    ModelVersion,
+    Page,
+    Route,
+    Signature,
+    Token,
+    UploadTarget,
+)
+
+
+@dataclass(frozen=True)
+class StoredArtifact:
+    """An artifact that is durably stored and can be served: its bytes hash to ``sha256``."""
+
+    sha256: str
+    size: int
+    key: str
+    version_id: str | None = None
+
+
+@dataclass(frozen=True)
+class StagedUpload:
+    """Bytes a client uploaded that are not yet validated nor promoted."""
+
+    upload_id: str
+    size: int
+    sha256: str
+
+
+@runtime_checkable
+class ArtifactStore(Protocol):
+    def create_upload(self, model: str, version: int) -> UploadTarget:
+        """Reserve a place for the client to upload to; expires after the upload TTL."""
+        ...
+
+    def receive_upload(self, upload_id: str, body: BinaryIO, max_bytes: int) -> StagedUpload:
+        """Accept bytes for an upload (local backend only; S3 receives them by presigned URL)."""
+        ...
+
+    def inspect_upload(self, upload_id: str) -> StagedUpload:
+        """Size and sha256 of what was uploaded. Raises NotFound if nothing arrived."""
+        ...
+
+    def staged_path(self, upload_id: str) -> AbstractContextManager[Path]:
+        """A local file holding the staged bytes, for the validator child process."""
+        ...
+
+    def promote(self, upload_id: str, model: str, version: int) -> StoredArtifact:
+        """Durably store the staged bytes where versions are served from (idempotent)."""
+        ...
+
+    def discard_upload(self, upload_id: str) -> None: ...
+
+    def read(self, artifact: StoredArtifact) -> bytes:
+        """The artifact's bytes, re-hashed: raises StorageCorrupted if they changed."""
+        ...
+
+    def exists(self, artifact: StoredArtifact) -> bool: ...
+
+    def delete(self, artifact: StoredArtifact) -> None: ...
+
+    def list_artifacts(self) -> Iterator[StoredArtifact]: ...
+
+    def list_uploads(self) -> Iterator[tuple[str, float]]:
+        """(upload_id, age in seconds) of every staged upload, for cleanup."""
+        ...
+
+
+@runtime_checkable
+class Registry(Protocol):
+    # models
+    def create_model(self, model: Model) -> Model: ...
+    def get_model(self, name: str) -> Model: ...
+    def list_models(self, limit: int, cursor: str | None) -> Page[Model]: ...
+    def delete_model(self, name: str) -> list[ModelVersion]:
+        """Delete a model and everything under it; returns the versions it had (to free artifacts)."""
+        ...
+
+    # versions
+    def allocate_version(self, model: str, *, created_by: str, upload_id: str, description: str = "",
+                         parent_version: int | None = None) -> ModelVersion:
+        """Atomically take the next version number, recorded as PENDING."""
+        ...
+
+    def get_version(self, model: str, version: int) -> ModelVersion: ...
+    def list_versions(self, model: str, limit: int, cursor: str | None) -> Page[ModelVersion]: ...
+    def list_versions_by_status(self, status: str) -> list[ModelVersion]: ...
+    def mark_ready(self, model: str, version: int, artifact: StoredArtifact,
+                   signature: Signature) -> ModelVersion:
+        """PENDING -> READY, conditionally: raises Conflict if the version is no longer PENDING."""
+        ...
+
+    def mark_failed(self, model: str, version: int, reason: str) -> ModelVersion:
+        """PENDING -> FAILED, conditionally."""
+        ...
+
+    def delete_version(self, model: str, version: int) -> ModelVersion:
+        """Delete a version no alias or deployment references (else Conflict)."""
+        ...
+
+    # aliases
+    def set_alias(self, model: str, alias: str, version: int) -> Alias:
+        """Point an alias at a READY version (Conflict otherwise), in one conditional write."""
+        ...
+
+    def get_alias(self, model: str, alias: str) -> Alias: ...
+    def list_aliases(self, model: str) -> list[Alias]: ...
+    def delete_alias(self, model: str, alias: str) -> None: ...
+
+    # deployments
+    def create_deployment(self, deployment: Deployment) -> Deployment:
+        """Insert a deployment; Conflict if another is IN_PROGRESS for the model or a referenced
+        version is not READY. Assigns ``seq``."""
+        ...
+
+    def update_deployment(self, deployment: Deployment, expected: DeploymentStatus) -> Deployment:
+        """Replace a deployment if its stored status is still ``expected`` (else Conflict)."""
+        ...
+
+    def get_deployment(self, deployment_id: str) -> Deployment: ...
+    def list_deployments(self, model: str, limit: int, cursor: str | None) -> Page[Deployment]: ...
+    def get_route(self, model: str) -> Route | None: ...
+
+    # tokens
+    def create_token(self, token: Token) -> Token: ...
+    def find_token(self, token_hash: str) -> Token | None: ...
+    def list_tokens(self) -> list[Token]: ...
+    def revoke_token(self, token_id: str) -> Token: ...
+
+
+class Validator(Protocol):
+    def validate(self, path: Path) -> Signature:
+        """Check an artifact is a safe, runnable ONNX model; raises ModelRejected with the reason."""
+        ...
+
+
+class Metrics(Protocol):
+    """Per model-version counters and timings (Prometheus locally, EMF/CloudWatch on AWS)."""
+
+    def invocation(self, model: str, version: int, *, latency_s: float, error: bool) -> None: ...
+    def cache(self, model: str, version: int, *, hit: bool) -> None: ...
+    def model_load(self, model: str, version: int, *, seconds: float) -> None: ...
+
+
+class NullMetrics:
+    def invocation(self, model: str, version: int, *, latency_s: float, error: bool) -> None:
+        return None
+
+    def cache(self, model: str, version: int, *, hit: bool) -> None:
+        return None
+
+    def model_load(self, model: str, version: int, *, seconds: float) -> None:
+        return None
+
+
+class Backend(Protocol):
+    """What ``create_app`` needs: the storage ports plus the validator."""
+
+    registry: Registry
+    artifacts: ArtifactStore
+    validator: Validator

@@ -1,0 +1,44 @@
+"""Runtime settings, read from the environment (prefix ``MAAS_``) with safe defaults."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+
+def _default_home() -> Path:
+    return Path(os.environ.get("MAAS_HOME") or Path.home() / ".maas").expanduser()
+
+
+class Limits(BaseModel):
+    """Caps that protect the server from hostile or accidental oversize input."""
+
+    max_model_bytes: int = Field(default=512 * 1024 * 1024, gt=0)
+    max_nodes: int = Field(default=100_000, gt=0)
+    max_request_bytes: int = Field(default=6 * 1024 * 1024, gt=0)
+    max_tensor_elements: int = Field(default=4 * 1024 * 1024, gt=0)
+    validation_timeout_s: float = Field(default=120.0, gt=0)
+    validation_memory_bytes: int = Field(default=4 * 1024 * 1024 * 1024, gt=0)
+    session_cache_bytes: int = Field(default=1024 * 1024 * 1024, gt=0)
+    upload_ttl_s: int = Field(default=24 * 3600, gt=0)
+    page_size_max: int = Field(default=1000, gt=0)
+
+
+class Settings(BaseModel):
+    home: Path = Field(default_factory=_default_home)
+    limits: Limits = Field(default_factory=Limits)
+
+    @classmethod
+    def from_env(cls, home: Path | str | None = None) -> Settings:
+        limits = Limits()
+        overrides = {
+            name: type(getattr(limits, name))(os.environ[f"MAAS_{name.upper()}"])
+            for name in Limits.model_fields
+            if f"MAAS_{name.upper()}" in os.environ
+        }
+        if overrides:
+            limits = limits.model_copy(update=overrides)
+        resolved_home = Path(home).expanduser() if home is not None else _default_home()
+        return cls(home=resolved_home, limits=limits)
