@@ -44,8 +44,9 @@ class StagedUpload:
 
 @runtime_checkable
 class ArtifactStore(Protocol):
-    def create_upload(self, model: str, version: int) -> UploadTarget:
-        """Reserve a place for the client to upload to; expires after the upload TTL."""
+    def create_upload(self, model: str, version: int = 0) -> UploadTarget:
+        """Reserve a place for the client to upload to; expires after the upload TTL. The version is
+        not known yet when the upload is reserved (0): the registry records the upload id instead."""
         ...
 
     def receive_upload(self, upload_id: str, body: BinaryIO, max_bytes: int) -> StagedUpload:

@@ -1,0 +1,77 @@
+"""``create_app(backend)``: the one FastAPI application for every backend (local, AWS behind Mangum)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from fastapi import FastAPI, Response
+
+from maas import __version__
+from maas.api import problems
+from maas.api.deps import Invoker, Services, ServicesDep, TokenCache
+from maas.api.guard import RequestGuard
+from maas.api.metrics import PrometheusMetrics
+from maas.api.routes import deployments, inference, models, tokens
+from maas.domain import ModelVersion
+from maas.inference.engine import InferenceEngine
+from maas.ports import Backend
+from maas.services.aliases import AliasService
+from maas.services.deployments import DeploymentService
+from maas.services.invariants import artifact_of
+from maas.services.models import ModelService
+from maas.services.serving import ServingResolver
+from maas.services.tokens import TokenService
+from maas.settings import Settings
+
+DESCRIPTION = """Versioned, validated, monitored ONNX model serving.
+
+Management routes need `Authorization: Bearer <token>`; errors are `application/problem+json`.
+Inference follows the Open Inference Protocol v2 (KServe/Triton), with Triton's binary tensor extension.
+"""
+
+
+def create_app(backend: Backend, settings: Settings | None = None, *,
+               allowed_hosts: Iterable[str] | None = None) -> FastAPI:
+    """Build the API over a backend. ``allowed_hosts`` restricts the Host header (DNS rebinding
+    defence for a server bound to loopback); ``None`` accepts any host (behind API Gateway)."""
+    settings = settings or getattr(backend, "settings", None) or Settings.from_env()
+    metrics = PrometheusMetrics()
+
+    def read_artifact(version: ModelVersion) -> bytes:
+        assert version.sha256 is not None
+        return backend.artifacts.read(artifact_of(version.sha256, version.size, version.storage_key,
+                                                  version.storage_version_id))
+
+    engine = InferenceEngine(read_artifact, settings.limits, metrics)
+    model_service = ModelService(backend.registry, backend.artifacts, backend.validator, settings.limits)
+    token_service = TokenService(backend.registry)
+    services = Services(
+        backend=backend,
+        settings=settings,
+        models=model_service,
+        aliases=AliasService(backend.registry),
+        deployments=DeploymentService(backend.registry, model_service, smoke_test=engine.warm),
+        tokens=token_service,
+        auth=TokenCache(token_service),
+        resolver=ServingResolver(backend.registry, model_service),
+        engine=engine,
+        metrics=metrics,
+    )
+    app = FastAPI(title="maas", version=__version__, description=DESCRIPTION, docs_url="/docs",
+                  redoc_url=None, openapi_url="/openapi.json")
+    app.state.services = services
+    problems.install(app)
+    for module in (models, deployments, tokens, inference):
+        app.include_router(module.router)
+
+    @app.get("/metrics", tags=["metrics"], response_class=Response,
+             responses={200: {"content": {"text/plain": {}}}})
+    def prometheus_metrics(services: ServicesDep, _: Invoker) -> Response:
+        return Response(services.metrics.render(), media_type=PrometheusMetrics.content_type)
+
+    app.add_middleware(RequestGuard, max_request_bytes=settings.limits.max_request_bytes,
+                       max_upload_bytes=settings.limits.max_model_bytes, allowed_hosts=allowed_hosts)
+    return app
+
+
+__all__ = ["Services", "create_app"]

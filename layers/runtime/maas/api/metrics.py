@@ -1,0 +1,45 @@
+"""Prometheus metrics with the same names as the CloudWatch ones (Invocations, Errors, ModelLatency,
+CacheHit, ModelLoadTime), labelled by model and version. One registry per app so tests and several
+apps in one process never share counters."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                   1.0, 2.5, 5.0, 10.0)
+
+
+class PrometheusMetrics:
+    content_type = "text/plain; version=0.0.4; charset=utf-8"
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        labels = ("model", "version")
+        self.invocations = Counter("maas_invocations", "Inference requests", labels, registry=self.registry)
+        self.errors = Counter("maas_errors", "Inference requests that failed", labels,
+                              registry=self.registry)
+        self.latency = Histogram("maas_model_latency_seconds", "Model run time", labels,
+                                 buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.cache_hits = Counter("maas_cache_hits", "Session cache hits", labels, registry=self.registry)
+        self.cache_misses = Counter("maas_cache_misses", "Session cache misses", labels,
+                                    registry=self.registry)
+        self.load_time = Histogram("maas_model_load_seconds", "Time to load a model into a session",
+                                   labels, registry=self.registry)
+
+    def invocation(self, model: str, version: int, *, latency_s: float, error: bool) -> None:
+        key = (model, str(version))
+        self.invocations.labels(*key).inc()
+        if error:
+            self.errors.labels(*key).inc()
+        else:
+            self.latency.labels(*key).observe(latency_s)
+
+    def cache(self, model: str, version: int, *, hit: bool) -> None:
+        (self.cache_hits if hit else self.cache_misses).labels(model, str(version)).inc()
+
+    def model_load(self, model: str, version: int, *, seconds: float) -> None:
+        self.load_time.labels(model, str(version)).observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,148 @@
+"""Models, versions and uploads."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import AsyncIterator
+from typing import Annotated, BinaryIO, cast
+
+import anyio.from_thread
+from fastapi import APIRouter, Path, Query, Request, Response
+from starlette.concurrency import run_in_threadpool
+
+from maas.api.deps import Admin, Deployer, Invoker, ModelName, ServicesDep, VersionNumber
+from maas.api.schemas import (
+    CommitVersion,
+    CreateModel,
+    CreateVersion,
+    ModelPage,
+    ModelStatus,
+    PendingVersionInfo,
+    StagedUploadInfo,
+    VersionPage,
+    problem_responses,
+)
+from maas.domain import DeploymentStatus, Model, ModelVersion, Scope
+from maas.errors import Forbidden
+
+router = APIRouter(tags=["models"])
+Limit = Annotated[int, Query(ge=1, le=1000, description="Page size")]
+Cursor = Annotated[str | None, Query(max_length=512, description="Cursor from the previous page")]
+
+
+@router.get("/models", response_model=ModelPage, responses=problem_responses(401, 403, 422))
+def list_models(services: ServicesDep, _: Invoker, limit: Limit = 100, cursor: Cursor = None) -> ModelPage:
+    page = services.models.list_models(limit, cursor)
+    return ModelPage(items=page.items, next_cursor=page.next_cursor)
+
+
+@router.post("/models", status_code=201, response_model=Model,
+             responses=problem_responses(401, 403, 409, 415, 422))
+def create_model(body: CreateModel, services: ServicesDep, token: Deployer) -> Model:
+    return services.models.create_model(body.name, description=body.description, tags=body.tags,
+                                        created_by=token.name)
+
+
+@router.get("/models/{name}", response_model=ModelStatus, responses=problem_responses(401, 403, 404, 422))
+def get_model(name: ModelName, services: ServicesDep, _: Invoker) -> ModelStatus:
+    model = services.models.get_model(name)
+    latest = services.models.list_versions(name, 1, None).items
+    history = services.deployments.history(name, 20, None).items
+    route = services.backend.registry.get_route(name)
+    current = next((d for d in history if d.status is DeploymentStatus.IN_PROGRESS), None) or next(
+        (d for d in history if route is not None and d.id == route.deployment_id), None) or (
+        history[0] if history else None)
+    return ModelStatus(model=model, latest_version=latest[0].version if latest else None, route=route,
+                       deployment=current)
+
+
+@router.delete("/models/{name}", status_code=204, responses=problem_responses(401, 403, 404, 409, 422))
+def delete_model(name: ModelName, services: ServicesDep, _: Admin,
+                 force: Annotated[bool, Query(description="Delete even while deployed")] = False) -> Response:
+    services.models.delete_model(name, force=force)
+    services.resolver.invalidate(name)
+    return Response(status_code=204)
+
+
+@router.get("/models/{name}/versions", response_model=VersionPage,
+            responses=problem_responses(401, 403, 404, 422))
+def list_versions(name: ModelName, services: ServicesDep, _: Invoker, limit: Limit = 100,
+                  cursor: Cursor = None) -> VersionPage:
+    page = services.models.list_versions(name, limit, cursor)
+    return VersionPage(items=page.items, next_cursor=page.next_cursor)
+
+
+@router.post("/models/{name}/versions", status_code=201, response_model=PendingVersionInfo,
+             responses=problem_responses(401, 403, 404, 415, 422))
+def create_version(name: ModelName, services: ServicesDep, token: Deployer,
+                   body: CreateVersion | None = None) -> PendingVersionInfo:
+    pending = services.models.begin_version(name, created_by=token.name,
+                                            description=body.description if body else "")
+    return PendingVersionInfo(version=pending.version, upload=pending.upload)
+
+
+@router.get("/models/{name}/versions/{version}", response_model=ModelVersion,
+            responses=problem_responses(401, 403, 404, 422))
+def get_version(name: ModelName, version: VersionNumber, services: ServicesDep, _: Invoker) -> ModelVersion:
+    return services.models.get_version(name, version)
+
+
+@router.post("/models/{name}/versions/{version}/commit", response_model=ModelVersion,
+             responses=problem_responses(401, 403, 404, 409, 415, 422))
+def commit_version(name: ModelName, version: VersionNumber, body: CommitVersion, services: ServicesDep,
+                   _: Deployer) -> ModelVersion:
+    return services.models.commit_version(name, version, sha256=body.sha256, size=body.size)
+
+
+@router.delete("/models/{name}/versions/{version}", status_code=204,
+               responses=problem_responses(401, 403, 404, 409, 422))
+def delete_version(name: ModelName, version: VersionNumber, services: ServicesDep, _: Admin) -> Response:
+    services.models.delete_version(name, version)
+    services.resolver.invalidate(name)
+    return Response(status_code=204)
+
+
+class _StreamReader(io.RawIOBase):
+    """A blocking file-like view of the request body, read from a worker thread, so the store
+    streams uploads to disk without holding them in memory."""
+
+    def __init__(self, stream: AsyncIterator[bytes]) -> None:
+        self._chunks = stream
+        self._buffer = b""
+        self._done = False
+
+    async def _next_chunk(self) -> bytes:
+        return await self._chunks.__anext__()
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        while not self._buffer and not self._done:
+            try:
+                self._buffer = anyio.from_thread.run(self._next_chunk)
+            except StopAsyncIteration:
+                self._done = True
+        if size < 0 or size >= len(self._buffer):
+            out, self._buffer = self._buffer, b""
+        else:
+            out, self._buffer = self._buffer[:size], self._buffer[size:]
+        return out
+
+
+@router.put("/uploads/{upload_id}", response_model=StagedUploadInfo, tags=["uploads"],
+            responses=problem_responses(401, 403, 404, 413, 415, 422),
+            openapi_extra={"requestBody": {"required": True, "content": {
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}})
+async def upload(upload_id: Annotated[str, Path(pattern=r"^[0-9a-f]{32}$")], request: Request,
+                 services: ServicesDep) -> StagedUploadInfo:
+    # The upload id is an unguessable reservation made by a deploy-scoped caller for one version; any
+    # deploy-scoped token may fill it (the version's model is checked again at commit).
+    token = services.auth.authenticate(request.headers.get("authorization"))
+    if token.revoked or not any(scope.grants(Scope.DEPLOY) for scope in token.scopes):
+        raise Forbidden("this token lacks the 'deploy' scope")
+    reader = _StreamReader(request.stream().__aiter__())
+    staged = await run_in_threadpool(services.backend.artifacts.receive_upload, upload_id,
+                                     cast(BinaryIO, reader),
+                                     services.settings.limits.max_model_bytes)
+    return StagedUploadInfo(upload_id=staged.upload_id, size=staged.size, sha256=staged.sha256)

@@ -1,0 +1,114 @@
+"""Request and response bodies of the management API (the entities themselves are domain objects)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from maas.domain import Alias, Deployment, HealthThresholds, Model, ModelVersion, Route, Scope, UploadTarget
+
+
+class Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CreateModel(Body):
+    name: str = Field(max_length=63, examples=["fraud"])
+    description: str = Field(default="", max_length=4096)
+    tags: dict[str, str] = Field(default_factory=dict)
+
+
+class CreateVersion(Body):
+    description: str = Field(default="", max_length=4096)
+
+
+class CommitVersion(Body):
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="sha256 of the uploaded bytes, hex")
+    size: int = Field(gt=0, description="size of the uploaded bytes")
+
+
+class SetAlias(Body):
+    version: int = Field(ge=1, le=999_999_999)
+
+
+class StartDeployment(Body):
+    version: Annotated[int | str, Field(description="Version number or alias", examples=[3, "champion"])]
+    strategy: str = Field(default="all_at_once", description="all_at_once (canary and linear: soon)")
+    target: str = Field(default="lambda")
+    canary_percent: float | None = Field(default=None, gt=0, le=100)
+    linear_step_percent: float | None = Field(default=None, gt=0, le=100)
+    bake_seconds: int | None = Field(default=None, ge=0, le=86_400)
+    thresholds: HealthThresholds | None = None
+
+
+class Rollback(Body):
+    to_version: int | None = Field(default=None, ge=1, le=999_999_999)
+
+
+class CreateToken(Body):
+    name: str = Field(max_length=64)
+    scopes: list[str] = Field(min_length=1, max_length=3, examples=[["invoke"]])
+    model: str | None = Field(default=None, max_length=63)
+
+
+class TokenInfo(BaseModel):
+    id: str
+    name: str
+    scopes: list[Scope]
+    model: str | None
+    created_at: datetime
+    created_by: str
+    revoked: bool
+
+
+class CreatedToken(TokenInfo):
+    token: str = Field(description="The secret; shown only in this response")
+
+
+class StagedUploadInfo(BaseModel):
+    upload_id: str
+    size: int
+    sha256: str
+
+
+class PendingVersionInfo(BaseModel):
+    version: ModelVersion
+    upload: UploadTarget
+
+
+class ModelStatus(BaseModel):
+    model: Model
+    latest_version: int | None
+    route: Route | None
+    deployment: Deployment | None
+
+
+class ModelPage(BaseModel):
+    items: list[Model]
+    next_cursor: str | None = None
+
+
+class VersionPage(BaseModel):
+    items: list[ModelVersion]
+    next_cursor: str | None = None
+
+
+class DeploymentPage(BaseModel):
+    items: list[Deployment]
+    next_cursor: str | None = None
+
+
+class AliasList(BaseModel):
+    items: list[Alias]
+
+
+class TokenList(BaseModel):
+    items: list[TokenInfo]
+
+
+def problem_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for the problem+json errors a route can answer."""
+    return {code: {"description": "Problem details", "content": {"application/problem+json": {}}}
+            for code in codes}

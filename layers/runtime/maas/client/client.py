@@ -1,0 +1,570 @@
+"""Python SDK for the maas HTTP API (see docs/api.md).
+
+Every method maps to one route (``push`` to the three-step upload) and returns the parsed JSON body as
+plain dicts and lists. HTTP errors raise :class:`MaasClientError`, built from the problem+json body.
+
+    from maas.client import Client
+
+    with Client() as maas:                       # MAAS_URL / MAAS_TOKEN / <MAAS_HOME>/admin-token
+        version = maas.push("iris", "iris.onnx")
+        maas.deploy("iris", version["version"])
+        print(maas.predict("iris", {"features": [[5.1, 3.5, 1.4, 0.2]]}))
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import httpx
+import numpy as np
+import orjson
+
+from maas.protocol.oip import DATATYPE_TO_NUMPY
+
+DEFAULT_URL = "http://127.0.0.1:8080"
+ADMIN_TOKEN_FILE = "admin-token"
+UPLOAD_CHUNK_BYTES = 1024 * 1024
+
+#: numpy dtype name -> OIP datatype name (the inverse of ``DATATYPE_TO_NUMPY``).
+NUMPY_TO_DATATYPE: dict[str, str] = {numpy: oip for oip, numpy in DATATYPE_TO_NUMPY.items()}
+
+ProgressCallback = Callable[[int, int], None]
+
+
+class MaasClientError(Exception):
+    """An error answered by the maas server (or no answer at all: ``status`` 0).
+
+    ``str()`` is one line such as ``409 Conflict: version 3 is referenced by alias 'champion'``.
+    """
+
+    def __init__(self, status: int, title: str, detail: str = "", field: str | None = None):
+        self.status = status
+        self.title = title
+        self.detail = detail
+        self.field = field
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        head = f"{self.status} {self.title}" if self.status else self.title
+        text = f"{head}: {self.detail}" if self.detail else head
+        if self.field and self.field not in self.detail:
+            text += f" (field: {self.field})"
+        return text
+
+    def __repr__(self) -> str:
+        return (
+            f"MaasClientError(status={self.status!r}, title={self.title!r}, detail={self.detail!r}, "
+            f"field={self.field!r})"
+        )
+
+    @classmethod
+    def from_response(cls, response: httpx.Response) -> MaasClientError:
+        status = response.status_code
+        title = response.reason_phrase or "HTTP error"
+        detail = ""
+        field: str | None = None
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if isinstance(body, dict):
+            title = str(body.get("title") or title)
+            raw_detail = body.get("detail")
+            if isinstance(raw_detail, str):
+                detail = raw_detail
+            elif raw_detail is not None:  # e.g. FastAPI's default validation error list
+                detail = orjson.dumps(raw_detail).decode()
+            raw_field = body.get("field")
+            field = str(raw_field) if raw_field is not None else None
+        else:
+            detail = " ".join(response.text.split())[:300]
+        return cls(status, title, detail, field)
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("MAAS_HOME") or Path.home() / ".maas").expanduser()
+
+
+def resolve_url(url: str | None = None) -> str:
+    return (url or os.environ.get("MAAS_URL") or DEFAULT_URL).rstrip("/")
+
+
+def resolve_token(token: str | None = None, home: str | Path | None = None) -> str | None:
+    """The explicit token, else ``MAAS_TOKEN``, else the local server's ``<home>/admin-token`` file."""
+    if token:
+        return token
+    env = os.environ.get("MAAS_TOKEN")
+    if env:
+        return env
+    path = (Path(home).expanduser() if home is not None else default_home()) / ADMIN_TOKEN_FILE
+    try:
+        secret = path.read_text(encoding="utf-8").strip()
+    except OSError:
+        return None
+    return secret or None
+
+
+def build_infer_request(
+    inputs: Mapping[str, Any] | Sequence[Any], datatypes: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """Turn ``predict`` input into an OIP v2 request body.
+
+    Accepted forms: a full request ``{"inputs": [{name, shape, datatype, data}, ...], ...}`` (returned
+    unchanged), a list of OIP input dicts, or a shorthand mapping ``input name -> numpy array | nested
+    list``. In the shorthand, numpy arrays keep their dtype; plain lists and scalars take the datatype in
+    ``datatypes`` (the model's signature) when known, otherwise numpy's inference. Data is sent flat
+    (row-major) with the array's shape.
+    """
+    if isinstance(inputs, Mapping):
+        if _is_full_request(inputs):
+            return dict(inputs)
+        tensors = [
+            _tensor(str(name), value, (datatypes or {}).get(str(name))) for name, value in inputs.items()
+        ]
+        if not tensors:
+            raise ValueError("inputs must name at least one tensor")
+        return {"inputs": tensors}
+    if isinstance(inputs, Sequence) and not isinstance(inputs, str | bytes):
+        if not all(isinstance(item, Mapping) for item in inputs):
+            raise ValueError("a list of inputs must hold OIP input objects {name, shape, datatype, data}")
+        return {"inputs": [dict(item) for item in inputs]}
+    raise ValueError("inputs must be an OIP request, a list of OIP inputs, or a mapping name -> array")
+
+
+def _is_full_request(body: Mapping[str, Any]) -> bool:
+    items = body.get("inputs")
+    return isinstance(items, list) and all(isinstance(item, Mapping) for item in items)
+
+
+def _tensor(name: str, value: Any, datatype: str | None) -> dict[str, Any]:
+    if isinstance(value, np.ndarray):
+        array = value
+    else:
+        numpy_type = DATATYPE_TO_NUMPY.get(datatype.upper()) if datatype else None
+        if numpy_type == "object" or (numpy_type is None and _holds_text(value)):
+            array = np.asarray(value, dtype=object)
+        elif numpy_type is not None:
+            array = np.asarray(value, dtype=numpy_type)
+        else:
+            array = np.asarray(value)
+    oip_type = _oip_datatype(name, array)
+    flat = array.reshape(-1)
+    data: list[Any]
+    if oip_type == "BYTES":
+        data = [item.decode("utf-8", "replace") if isinstance(item, bytes) else str(item) for item in flat]
+    else:
+        data = flat.tolist()
+    return {"name": name, "shape": [int(dim) for dim in array.shape], "datatype": oip_type, "data": data}
+
+
+def _holds_text(value: Any) -> bool:
+    while isinstance(value, list | tuple) and value:
+        value = value[0]
+    return isinstance(value, str | bytes)
+
+
+def _oip_datatype(name: str, array: np.ndarray[Any, Any]) -> str:
+    kind = array.dtype
+    if kind.kind in "USO":
+        return "BYTES"
+    try:
+        return NUMPY_TO_DATATYPE[kind.name]
+    except KeyError:
+        raise ValueError(f"input {name!r}: numpy dtype {kind.name} has no OIP v2 datatype") from None
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(UPLOAD_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _segment(value: str | int) -> str:
+    return quote(str(value), safe="")
+
+
+class Client:
+    """A synchronous client for one maas server.
+
+    ``url`` defaults to ``MAAS_URL`` or ``http://127.0.0.1:8080``; ``token`` to ``MAAS_TOKEN`` or the file
+    ``<home>/admin-token`` that a local ``maas serve`` writes (home = ``MAAS_HOME`` or ``~/.maas``).
+    ``transport`` replaces httpx's network transport; ``http_client`` injects a ready ``httpx.Client``
+    (e.g. a FastAPI ``TestClient``), whose ``base_url`` is used when ``url`` is not given.
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        token: str | None = None,
+        *,
+        timeout: float = 30.0,
+        transport: httpx.BaseTransport | None = None,
+        http_client: httpx.Client | None = None,
+        home: str | Path | None = None,
+    ):
+        if http_client is not None and url is None:
+            self.url = str(http_client.base_url).rstrip("/")
+        else:
+            self.url = resolve_url(url)
+        self.token = resolve_token(token, home)
+        self.timeout = timeout
+        self._transport = transport
+        self._owns_http = http_client is None
+        self._http = http_client or httpx.Client(base_url=self.url, timeout=timeout, transport=transport)
+        self._foreign: httpx.Client | None = None
+
+    # -- plumbing ---------------------------------------------------------------------------------
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._owns_http:
+            self._http.close()
+        if self._foreign is not None:
+            self._foreign.close()
+            self._foreign = None
+
+    def __repr__(self) -> str:
+        return f"Client(url={self.url!r})"
+
+    def _auth_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+    def _send(self, http: httpx.Client, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        try:
+            response = http.request(method, url, **kwargs)
+        except httpx.ConnectError:
+            if http is self._http:
+                raise MaasClientError(
+                    0, "Cannot connect", f"no maas server at {self.url}; start one with `maas serve`"
+                ) from None
+            raise MaasClientError(
+                0, "Cannot connect", f"upload host {urlsplit(url).hostname} unreachable"
+            ) from None
+        except httpx.TimeoutException:
+            raise MaasClientError(
+                0, "Timeout", f"no answer from {self.url} within {self.timeout:g}s"
+            ) from None
+        except httpx.TransportError as exc:
+            raise MaasClientError(0, "Connection error", f"{type(exc).__name__}: {exc}") from None
+        if response.is_error:
+            raise MaasClientError.from_response(response)
+        return response
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        params: Mapping[str, Any] | None = None,
+    ) -> Any:
+        headers = {"Accept": "application/json", **self._auth_headers()}
+        kwargs: dict[str, Any] = {"headers": headers}
+        if json is not None:
+            headers["Content-Type"] = "application/json"
+            kwargs["content"] = orjson.dumps(json, option=orjson.OPT_SERIALIZE_NUMPY)
+        if params:
+            kwargs["params"] = {key: value for key, value in params.items() if value is not None}
+        response = self._send(self._http, method, path, **kwargs)
+        if response.status_code == 204 or not response.content:
+            return None
+        try:
+            return response.json()
+        except ValueError:
+            return response.text
+
+    def _paged(self, path: str, limit: int | None = None) -> list[Any]:
+        """Every item of a paginated list, following ``next_cursor``."""
+        items: list[Any] = []
+        cursor: str | None = None
+        while True:
+            page = self._request("GET", path, params={"limit": limit, "cursor": cursor})
+            items.extend(page.get("items", []))
+            cursor = page.get("next_cursor")
+            if not cursor:
+                return items
+
+    @staticmethod
+    def _model_path(name: str) -> str:
+        return f"/models/{_segment(name)}"
+
+    # -- models -----------------------------------------------------------------------------------
+
+    def list_models(self, *, limit: int | None = None) -> list[dict[str, Any]]:
+        """GET /models, all pages (``limit`` is the page size)."""
+        return self._paged("/models", limit)
+
+    def create_model(
+        self, name: str, description: str = "", tags: Mapping[str, str] | None = None
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {"name": name, "description": description}
+        if tags:
+            body["tags"] = dict(tags)
+        result: dict[str, Any] = self._request("POST", "/models", json=body)
+        return result
+
+    def get_model(self, name: str) -> dict[str, Any]:
+        """GET /models/{name}: ``{model, latest_version, route, deployment}``."""
+        result: dict[str, Any] = self._request("GET", self._model_path(name))
+        return result
+
+    def status(self, name: str) -> dict[str, Any]:
+        """The model, its latest version, live route and current deployment (same as ``get_model``)."""
+        return self.get_model(name)
+
+    def delete_model(self, name: str, force: bool = False) -> None:
+        self._request("DELETE", self._model_path(name), params={"force": "true" if force else "false"})
+
+    # -- versions ---------------------------------------------------------------------------------
+
+    def list_versions(self, name: str, *, limit: int | None = None) -> list[dict[str, Any]]:
+        """Every version of a model, newest first."""
+        return self._paged(f"{self._model_path(name)}/versions", limit)
+
+    def get_version(self, name: str, version: int | str) -> dict[str, Any]:
+        result: dict[str, Any] = self._request(
+            "GET", f"{self._model_path(name)}/versions/{_segment(version)}"
+        )
+        return result
+
+    def delete_version(self, name: str, version: int | str) -> None:
+        self._request("DELETE", f"{self._model_path(name)}/versions/{_segment(version)}")
+
+    def create_version(self, name: str, description: str = "") -> dict[str, Any]:
+        """POST /models/{name}/versions: ``{version (PENDING), upload: {upload_id, url, method, ...}}``."""
+        result: dict[str, Any] = self._request(
+            "POST", f"{self._model_path(name)}/versions", json={"description": description}
+        )
+        return result
+
+    def commit_version(self, name: str, version: int, sha256: str, size: int) -> dict[str, Any]:
+        result: dict[str, Any] = self._request(
+            "POST",
+            f"{self._model_path(name)}/versions/{_segment(version)}/commit",
+            json={"sha256": sha256, "size": size},
+        )
+        return result
+
+    def push(
+        self,
+        name: str,
+        path: str | Path,
+        *,
+        description: str = "",
+        create: bool = True,
+        progress: ProgressCallback | None = None,
+    ) -> dict[str, Any]:
+        """Register ``path`` as a new version of ``name`` and return the committed (READY) version.
+
+        Creates the model first when ``create`` is true and it does not exist, uploads the bytes to the
+        target the server hands out (streamed, hashed on the way, ``progress(sent, total)`` per chunk),
+        then commits with the sha256 and size so the server verifies and validates the artifact.
+        """
+        file = Path(path)
+        size = file.stat().st_size
+        if create:
+            try:
+                self.create_model(name)
+            except MaasClientError as exc:
+                if exc.status != 409:
+                    raise
+        created = self.create_version(name, description)
+        version = int(created["version"]["version"])
+        upload = created["upload"]
+        digest = hashlib.sha256()
+
+        def chunks() -> Iterator[bytes]:
+            sent = 0
+            if progress is not None:
+                progress(0, size)
+            with file.open("rb") as handle:
+                while chunk := handle.read(UPLOAD_CHUNK_BYTES):
+                    digest.update(chunk)
+                    sent += len(chunk)
+                    if progress is not None:
+                        progress(sent, size)
+                    yield chunk
+
+        self._upload(upload, chunks(), size)
+        return self.commit_version(name, version, digest.hexdigest(), size)
+
+    def _upload(self, target: Mapping[str, Any], body: Iterator[bytes], size: int) -> None:
+        url = str(target["url"])
+        method = str(target.get("method") or "PUT").upper()
+        headers = {str(key): str(value) for key, value in (target.get("headers") or {}).items()}
+        headers.setdefault("Content-Type", "application/octet-stream")
+        # An explicit length keeps httpx from sending chunked encoding, which S3 presigned PUTs refuse.
+        headers["Content-Length"] = str(size)
+        parts = urlsplit(url)
+        if not parts.scheme:
+            # Relative to the maas server: authenticate like every other call.
+            self._send(self._http, method, url, content=body, headers={**headers, **self._auth_headers()})
+        elif _origin(url) == _origin(self.url):
+            self._send(self._http, method, url, content=body, headers={**headers, **self._auth_headers()})
+        else:
+            # A presigned URL (S3): used as-is, and the maas token never leaves for another host.
+            if self._foreign is None:
+                self._foreign = httpx.Client(timeout=max(self.timeout, 300.0), transport=self._transport)
+            self._send(self._foreign, method, url, content=body, headers=headers)
+
+    # -- aliases ----------------------------------------------------------------------------------
+
+    def set_alias(self, name: str, alias: str, version: int) -> dict[str, Any]:
+        result: dict[str, Any] = self._request(
+            "PUT", f"{self._model_path(name)}/aliases/{_segment(alias)}", json={"version": int(version)}
+        )
+        return result
+
+    def get_alias(self, name: str, alias: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._request("GET", f"{self._model_path(name)}/aliases/{_segment(alias)}")
+        return result
+
+    def list_aliases(self, name: str) -> list[dict[str, Any]]:
+        page = self._request("GET", f"{self._model_path(name)}/aliases")
+        items: list[dict[str, Any]] = page.get("items", [])
+        return items
+
+    def delete_alias(self, name: str, alias: str) -> None:
+        self._request("DELETE", f"{self._model_path(name)}/aliases/{_segment(alias)}")
+
+    # -- deployments ------------------------------------------------------------------------------
+
+    def deploy(
+        self, name: str, version: int | str, strategy: str = "all_at_once", **options: Any
+    ) -> dict[str, Any]:
+        """Start a deployment of ``version`` (a number or an alias). ``options`` go into the request body
+        (e.g. ``target``, ``canary_percent``, ``bake_seconds``); ``None`` values are left out."""
+        body: dict[str, Any] = {"version": _version_value(version), "strategy": strategy}
+        body.update({key: value for key, value in options.items() if value is not None})
+        result: dict[str, Any] = self._request("POST", f"{self._model_path(name)}/deployments", json=body)
+        return result
+
+    def list_deployments(self, name: str, *, limit: int | None = None) -> list[dict[str, Any]]:
+        """Every deployment of a model, newest first."""
+        return self._paged(f"{self._model_path(name)}/deployments", limit)
+
+    def get_deployment(self, deployment_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._request("GET", f"/deployments/{_segment(deployment_id)}")
+        return result
+
+    def rollback(self, name: str, to_version: int | None = None) -> dict[str, Any]:
+        """Roll back to the previous (or the given) version; returns the deployment now live."""
+        body: dict[str, Any] = {} if to_version is None else {"to_version": int(to_version)}
+        result: dict[str, Any] = self._request("POST", f"{self._model_path(name)}/rollback", json=body)
+        return result
+
+    # -- inference (OIP v2) -----------------------------------------------------------------------
+
+    @staticmethod
+    def _v2_path(name: str, version: int | str | None) -> str:
+        path = f"/v2/models/{_segment(name)}"
+        return path if version is None else f"{path}/versions/{_segment(version)}"
+
+    def model_metadata(self, name: str, version: int | str | None = None) -> dict[str, Any]:
+        """GET /v2/models/{name}[/versions/{v}]: ``{name, versions, platform, inputs, outputs}``."""
+        result: dict[str, Any] = self._request("GET", self._v2_path(name, version))
+        return result
+
+    def model_ready(self, name: str, version: int | str | None = None) -> bool:
+        try:
+            answer = self._request("GET", f"{self._v2_path(name, version)}/ready")
+        except MaasClientError as exc:
+            if exc.status in (400, 404, 409, 503):
+                return False
+            raise
+        return bool(answer.get("ready", False)) if isinstance(answer, dict) else False
+
+    def predict(
+        self,
+        name: str,
+        inputs: Mapping[str, Any] | Sequence[Any],
+        version: int | str | None = None,
+    ) -> dict[str, Any]:
+        """POST /v2/models/{name}[/versions/{v}]/infer and return the OIP response.
+
+        ``inputs`` is a full OIP request, a list of OIP inputs, or a mapping ``name -> array``; for the
+        mapping, plain lists take the datatypes of the model's signature (one metadata call)."""
+        datatypes: dict[str, str] | None = None
+        if (
+            isinstance(inputs, Mapping)
+            and not _is_full_request(inputs)
+            and any(not isinstance(value, np.ndarray) for value in inputs.values())
+        ):
+            metadata = self.model_metadata(name, version)
+            datatypes = {
+                str(spec["name"]): str(spec["datatype"])
+                for spec in metadata.get("inputs", [])
+                if isinstance(spec, Mapping) and "name" in spec and "datatype" in spec
+            }
+        body = build_infer_request(inputs, datatypes)
+        result: dict[str, Any] = self._request("POST", f"{self._v2_path(name, version)}/infer", json=body)
+        return result
+
+    def health(self) -> dict[str, bool]:
+        """``{"live": bool, "ready": bool}`` from /v2/health/live and /v2/health/ready."""
+        live = self._request("GET", "/v2/health/live")
+        try:
+            ready = self._request("GET", "/v2/health/ready")
+        except MaasClientError as exc:
+            if exc.status == 0:
+                raise
+            ready = {"ready": False}
+        return {
+            "live": bool(isinstance(live, dict) and live.get("live", False)),
+            "ready": bool(isinstance(ready, dict) and ready.get("ready", False)),
+        }
+
+    def server_metadata(self) -> dict[str, Any]:
+        """GET /v2: ``{name, version, extensions}``."""
+        result: dict[str, Any] = self._request("GET", "/v2")
+        return result
+
+    # -- tokens -----------------------------------------------------------------------------------
+
+    def create_token(
+        self, name: str, scopes: str | Sequence[str], model: str | None = None
+    ) -> dict[str, Any]:
+        """Create an API token; the answer's ``token`` is the secret, shown this once."""
+        scope_list = [scopes] if isinstance(scopes, str) else [str(scope) for scope in scopes]
+        body: dict[str, Any] = {"name": name, "scopes": scope_list}
+        if model is not None:
+            body["model"] = model
+        result: dict[str, Any] = self._request("POST", "/tokens", json=body)
+        return result
+
+    def list_tokens(self) -> list[dict[str, Any]]:
+        page = self._request("GET", "/tokens")
+        items: list[dict[str, Any]] = page.get("items", [])
+        return items
+
+    def revoke_token(self, token_id: str) -> None:
+        self._request("DELETE", f"/tokens/{_segment(token_id)}")
+
+
+def _version_value(version: int | str) -> int | str:
+    """Version numbers travel as integers, aliases as strings."""
+    if isinstance(version, str) and version.isascii() and version.isdigit():
+        return int(version)
+    return version
+
+
+def _origin(url: str) -> str:
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    port = parts.port or {"http": 80, "https": 443}.get(scheme)
+    return f"{scheme}://{(parts.hostname or '').lower()}:{port}"

@@ -1,0 +1,1 @@
+"""Running and checking ONNX models: signature extraction, validation, and the inference engine."""

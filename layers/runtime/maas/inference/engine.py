@@ -1,0 +1,504 @@
+"""The inference engine: onnxruntime sessions cached by artifact sha256, signature checks, metrics.
+
+The hot path (``InferenceEngine.infer``) does one cache lookup, a handful of precomputed checks per
+input (datatype, rank, fixed dimensions, element cap) and ``session.run``. Per-version checks are
+derived from the version's signature once and kept with the cached session.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from time import perf_counter
+from typing import Any, Generic, TypeVar
+
+import numpy as np
+import onnxruntime as ort
+
+from maas.domain import ModelVersion, Signature, TensorSpec, VersionStatus
+from maas.errors import InferenceFailed, InvalidInput, MaasError, NotReady, StorageCorrupted
+from maas.inference.codec import DecodedRequest, datatype_to_dtype
+from maas.ports import Metrics, NullMetrics
+from maas.settings import Limits
+
+__all__ = [
+    "CacheStats",
+    "InferenceEngine",
+    "SessionCache",
+    "default_session_options",
+    "ort_threads",
+]
+
+V = TypeVar("V")
+
+THREADS_ENV = "MAAS_ORT_THREADS"
+PROVIDERS = ("CPUExecutionProvider",)
+
+
+def ort_threads() -> int:
+    """``MAAS_ORT_THREADS`` (intra-op threads per session); 0 or unset = onnxruntime's default."""
+    raw = os.environ.get(THREADS_ENV, "").strip()
+    if not raw:
+        return 0
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ValueError(f"{THREADS_ENV} must be a non-negative integer, got {raw!r}")
+    return value
+
+
+def default_session_options() -> ort.SessionOptions:
+    """Server defaults: full graph optimisation, ``MAAS_ORT_THREADS`` intra-op threads, quiet logs."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = ort_threads()
+    # Fatal only: onnxruntime would otherwise log every failed run to stderr; the engine raises
+    # InferenceFailed with the (cleaned) message instead, and the service logs what it wants.
+    options.log_severity_level = 4
+    return options
+
+
+# ----------------------------------------------------------------------------------------- the cache
+
+
+@dataclass(slots=True)
+class CacheStats:
+    hits: int
+    misses: int
+    evictions: int
+    bytes: int
+    entries: int
+    max_bytes: int
+
+
+@dataclass(slots=True)
+class _Entry(Generic[V]):
+    value: V
+    cost: int
+
+
+@dataclass(slots=True)
+class _Loading:
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    users: int = 0
+
+
+class SessionCache(Generic[V]):
+    """A thread-safe LRU keyed by artifact sha256, bounded by the sum of the entries' costs (bytes).
+
+    ``get_or_load`` runs the loader outside the cache lock, under a per-key lock, so concurrent first
+    requests for one key load it once while other keys stay served. The entry just loaded is always
+    kept, even alone over the budget (a model bigger than the cache still serves, one at a time).
+    A loader that raises caches nothing; the next caller tries again.
+    """
+
+    def __init__(self, max_bytes: int):
+        if max_bytes <= 0:
+            raise ValueError("max_bytes must be positive")
+        self._max_bytes = max_bytes
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[str, _Entry[V]] = OrderedDict()
+        self._loading: dict[str, _Loading] = {}
+        self._bytes = 0
+        self._hits = 0
+        self._misses = 0
+        self._evictions = 0
+
+    def get_or_load(self, key: str, loader: Callable[[], tuple[V, int]]) -> tuple[V, bool]:
+        """The cached value for ``key`` and True, or ``loader()``'s value (cached, cost = its int) and
+        False."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                self._entries.move_to_end(key)
+                self._hits += 1
+                return entry.value, True
+            loading = self._loading.get(key)
+            if loading is None:
+                loading = self._loading[key] = _Loading()
+            loading.users += 1
+        try:
+            with loading.lock:
+                with self._lock:
+                    entry = self._entries.get(key)
+                    if entry is not None:  # loaded by the thread we waited for
+                        self._entries.move_to_end(key)
+                        self._hits += 1
+                        return entry.value, True
+                value, cost = loader()
+                with self._lock:
+                    self._misses += 1
+                    self._insert(key, _Entry(value, max(int(cost), 0)))
+                return value, False
+        finally:
+            with self._lock:
+                loading.users -= 1
+                if loading.users == 0 and self._loading.get(key) is loading:
+                    del self._loading[key]
+
+    def _insert(self, key: str, entry: _Entry[V]) -> None:
+        old = self._entries.pop(key, None)
+        if old is not None:
+            self._bytes -= old.cost
+        self._entries[key] = entry
+        self._bytes += entry.cost
+        while self._bytes > self._max_bytes and len(self._entries) > 1:
+            _, evicted = self._entries.popitem(last=False)
+            self._bytes -= evicted.cost
+            self._evictions += 1
+
+    def get(self, key: str) -> V | None:
+        """The cached value (marked recently used), without loading or counting a hit or miss."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                return None
+            self._entries.move_to_end(key)
+            return entry.value
+
+    def discard(self, key: str) -> bool:
+        with self._lock:
+            entry = self._entries.pop(key, None)
+            if entry is None:
+                return False
+            self._bytes -= entry.cost
+            return True
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self._bytes = 0
+
+    def keys(self) -> list[str]:
+        """Keys from least to most recently used."""
+        with self._lock:
+            return list(self._entries)
+
+    def __contains__(self, key: object) -> bool:
+        with self._lock:
+            return key in self._entries
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
+
+    @property
+    def max_bytes(self) -> int:
+        return self._max_bytes
+
+    @property
+    def stats(self) -> CacheStats:
+        with self._lock:
+            return CacheStats(
+                hits=self._hits,
+                misses=self._misses,
+                evictions=self._evictions,
+                bytes=self._bytes,
+                entries=len(self._entries),
+                max_bytes=self._max_bytes,
+            )
+
+
+# ------------------------------------------------------------------------------------ signature checks
+
+#: onnxruntime's type strings -> OIP datatypes (used only when a version carries no signature).
+_ORT_TO_OIP = {
+    "tensor(bool)": "BOOL",
+    "tensor(uint8)": "UINT8",
+    "tensor(uint16)": "UINT16",
+    "tensor(uint32)": "UINT32",
+    "tensor(uint64)": "UINT64",
+    "tensor(int8)": "INT8",
+    "tensor(int16)": "INT16",
+    "tensor(int32)": "INT32",
+    "tensor(int64)": "INT64",
+    "tensor(float16)": "FP16",
+    "tensor(float)": "FP32",
+    "tensor(double)": "FP64",
+    "tensor(string)": "BYTES",
+}
+
+
+@dataclass(slots=True, frozen=True)
+class _InputCheck:
+    name: str
+    datatype: str
+    dtype: np.dtype[Any]
+    rank: int
+    fixed: tuple[tuple[int, int], ...]  # (axis, size) of every non-dynamic dimension
+    shape: tuple[int, ...]
+    strings: bool  # BYTES: onnxruntime wants ``str`` elements
+
+
+@dataclass(slots=True, frozen=True)
+class _Checks:
+    inputs: tuple[_InputCheck, ...]
+    input_names: frozenset[str]
+    outputs: list[str]
+    output_names: frozenset[str]
+
+
+def _spec_check(spec: TensorSpec) -> _InputCheck:
+    return _InputCheck(
+        name=spec.name,
+        datatype=spec.datatype,
+        dtype=datatype_to_dtype(spec.datatype),
+        rank=len(spec.shape),
+        fixed=tuple((axis, dim) for axis, dim in enumerate(spec.shape) if dim >= 0),
+        shape=tuple(spec.shape),
+        strings=spec.datatype == "BYTES",
+    )
+
+
+def _session_signature(session: ort.InferenceSession) -> Signature:
+    def spec(arg: Any) -> TensorSpec:
+        shape = tuple(dim if isinstance(dim, int) and dim >= 0 else -1 for dim in (arg.shape or ()))
+        return TensorSpec(name=arg.name, datatype=_ORT_TO_OIP.get(arg.type, arg.type), shape=shape)
+
+    return Signature(
+        inputs=tuple(spec(a) for a in session.get_inputs()),
+        outputs=tuple(spec(a) for a in session.get_outputs()),
+    )
+
+
+def _build_checks(signature: Signature) -> _Checks:
+    outputs = [spec.name for spec in signature.outputs]
+    return _Checks(
+        inputs=tuple(_spec_check(spec) for spec in signature.inputs),
+        input_names=frozenset(spec.name for spec in signature.inputs),
+        outputs=outputs,
+        output_names=frozenset(outputs),
+    )
+
+
+def _shape_text(shape: tuple[int, ...]) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+def _field(request: DecodedRequest, name: str, suffix: str) -> str:
+    index = list(request.inputs).index(name)
+    return f"inputs[{index}]{suffix}"
+
+
+def _to_strings(array: np.ndarray, name: str, field: str) -> np.ndarray:
+    try:
+        items = [item.decode("utf-8") if type(item) is bytes else item for item in array.reshape(-1).tolist()]
+    except UnicodeDecodeError:
+        raise InvalidInput(
+            f"input {name!r}: this model's string input needs UTF-8 text", field=field
+        ) from None
+    if any(type(item) is not str for item in items):
+        raise InvalidInput(f"input {name!r}: BYTES elements must be bytes or text", field=field)
+    out = np.empty(len(items), dtype=object)
+    out[:] = items
+    return out.reshape(array.shape)
+
+
+# -------------------------------------------------------------------------------------- error messages
+
+_ORT_PREFIX = re.compile(r"^\s*\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*\w+\s*:\s*")
+_CPP_FUNCTION = re.compile(r"(?:[\w~<>]+::)+[\w~<>]+\([^()]*\)(?:\s*const)?")
+_PATH = re.compile(r"(?<![\w)\]])(?:[A-Za-z]:)?(?:[\\/][^\s\\/'\"]+)+(?::\d+)?")
+_SPACES = re.compile(r"\s+")
+_MAX_MESSAGE = 400
+
+
+def _clean_message(exc: BaseException) -> str:
+    """onnxruntime's message on one line, without its error-code prefix, file paths nor C++ names."""
+    text = _ORT_PREFIX.sub("", str(exc))
+    text = _PATH.sub("", text)
+    text = _CPP_FUNCTION.sub("", text)
+    text = _SPACES.sub(" ", text).strip(" :")
+    if not text:
+        text = type(exc).__name__
+    if len(text) > _MAX_MESSAGE:
+        text = text[: _MAX_MESSAGE - 3] + "..."
+    return text
+
+
+# ------------------------------------------------------------------------------------------ the engine
+
+
+@dataclass(slots=True)
+class _Loaded:
+    session: ort.InferenceSession
+    #: (model, version) -> checks; every version sharing this sha256 shares the session
+    checks: dict[tuple[str, int], _Checks] = field(default_factory=dict)
+
+
+class InferenceEngine:
+    """Runs READY model versions: loads (verifying sha256), caches, checks inputs, runs, measures.
+
+    ``read_artifact`` returns the bytes of a READY version's artifact. ``session_options_factory``
+    builds the ``onnxruntime.SessionOptions`` for each new session (default:
+    :func:`default_session_options`).
+
+    Metrics: ``cache`` on every lookup, ``model_load`` (read + verify + session build) on each miss, and
+    ``invocation`` for every ``infer`` call with the time spent checking and running (not loading);
+    ``error`` is True for server-side failures only (InferenceFailed, StorageCorrupted...), not for
+    requests rejected as invalid.
+    """
+
+    def __init__(
+        self,
+        read_artifact: Callable[[ModelVersion], bytes],
+        limits: Limits,
+        metrics: Metrics = NullMetrics(),
+        session_options_factory: Callable[[], ort.SessionOptions] | None = None,
+    ):
+        self._read_artifact = read_artifact
+        self._limits = limits
+        self._max_elements = limits.max_tensor_elements
+        self._metrics = metrics
+        if session_options_factory is None:
+            ort_threads()  # fail at start-up, not on the first request, if the variable is invalid
+            session_options_factory = default_session_options
+        self._options = session_options_factory
+        self.cache: SessionCache[_Loaded] = SessionCache(limits.session_cache_bytes)
+
+    # -- sessions
+
+    def session(self, version: ModelVersion) -> ort.InferenceSession:
+        """The onnxruntime session of a READY version, loaded (and verified) on first use."""
+        return self._loaded(version).session
+
+    def warm(self, version: ModelVersion) -> None:
+        """Load a version's session ahead of its first request (e.g. before shifting traffic to it)."""
+        loaded = self._loaded(version)
+        self._checks(loaded, version)
+
+    def _loaded(self, version: ModelVersion) -> _Loaded:
+        sha256 = version.sha256
+        if version.status != VersionStatus.READY or not sha256:
+            raise NotReady(f"model {version.model!r} version {version.version} is not ready")
+        loaded, hit = self.cache.get_or_load(sha256, lambda: self._load(version))
+        self._metrics.cache(version.model, version.version, hit=hit)
+        return loaded
+
+    def _load(self, version: ModelVersion) -> tuple[_Loaded, int]:
+        started = perf_counter()
+        data = self._read_artifact(version)
+        if hashlib.sha256(data).hexdigest() != version.sha256:
+            raise StorageCorrupted(
+                f"the stored artifact of model {version.model!r} version {version.version} does not "
+                "match its recorded sha256"
+            )
+        try:
+            session = ort.InferenceSession(data, sess_options=self._options(), providers=list(PROVIDERS))
+        except Exception as exc:
+            raise InferenceFailed(
+                f"model {version.model!r} version {version.version} could not be loaded: "
+                f"{_clean_message(exc)}"
+            ) from None
+        self._metrics.model_load(version.model, version.version, seconds=perf_counter() - started)
+        return _Loaded(session), len(data)
+
+    def _checks(self, loaded: _Loaded, version: ModelVersion) -> _Checks:
+        key = (version.model, version.version)
+        checks = loaded.checks.get(key)
+        if checks is None:
+            signature = version.signature or _session_signature(loaded.session)
+            checks = loaded.checks.setdefault(key, _build_checks(signature))
+        return checks
+
+    # -- inference
+
+    def infer(self, version: ModelVersion, request: DecodedRequest) -> list[tuple[str, np.ndarray]]:
+        """Check ``request`` against the version's signature, run it, return ``(name, array)`` pairs
+        in the requested order (every output in signature order when none were named)."""
+        model, number = version.model, version.version
+        error = False
+        started = perf_counter()
+        try:
+            loaded = self._loaded(version)
+            started = perf_counter()
+            checks = self._checks(loaded, version)
+            feeds = self._feeds(checks, request)
+            names = self._output_names(checks, request.requested_outputs)
+            try:
+                results = loaded.session.run(names, feeds)
+            except Exception as exc:
+                raise InferenceFailed(
+                    f"model {model!r} version {number} failed on this input: {_clean_message(exc)}"
+                ) from None
+            return list(zip(names, results, strict=True))
+        except MaasError as exc:
+            error = exc.status >= 500
+            raise
+        except BaseException:
+            error = True
+            raise
+        finally:
+            self._metrics.invocation(model, number, latency_s=perf_counter() - started, error=error)
+
+    def _feeds(self, checks: _Checks, request: DecodedRequest) -> dict[str, np.ndarray]:
+        inputs = request.inputs
+        declared = request.datatypes
+        feeds: dict[str, np.ndarray] = {}
+        max_elements = self._max_elements
+        for check in checks.inputs:
+            name = check.name
+            array = inputs.get(name)
+            if array is None:
+                raise InvalidInput(
+                    f"input {name!r} ({check.datatype} {_shape_text(check.shape)}) is missing",
+                    field="inputs",
+                )
+            datatype = declared.get(name, check.datatype)
+            if datatype != check.datatype or array.dtype != check.dtype:
+                got = datatype if datatype != check.datatype else str(array.dtype)
+                raise InvalidInput(
+                    f"input {name!r} must be {check.datatype}, got {got}",
+                    field=_field(request, name, ".datatype"),
+                )
+            shape = array.shape
+            if len(shape) != check.rank:
+                raise InvalidInput(
+                    f"input {name!r} must have rank {check.rank} (shape {_shape_text(check.shape)}), "
+                    f"got rank {len(shape)} (shape {_shape_text(shape)})",
+                    field=_field(request, name, ".shape"),
+                )
+            for axis, size in check.fixed:
+                if shape[axis] != size:
+                    raise InvalidInput(
+                        f"input {name!r} must have shape {_shape_text(check.shape)} (-1 = any size), "
+                        f"got {_shape_text(shape)}: dimension {axis} must be {size}",
+                        field=_field(request, name, ".shape"),
+                    )
+            if array.size > max_elements:
+                raise InvalidInput(
+                    f"input {name!r} has {array.size} elements, the limit is {max_elements}",
+                    field=_field(request, name, ".shape"),
+                )
+            if check.strings:
+                array = _to_strings(array, name, _field(request, name, ".data"))
+            feeds[name] = array
+        if len(inputs) != len(feeds):
+            for index, name in enumerate(inputs):
+                if name not in checks.input_names:
+                    expected = ", ".join(sorted(checks.input_names)) or "none"
+                    raise InvalidInput(
+                        f"the model has no input {name!r} (its inputs: {expected})",
+                        field=f"inputs[{index}].name",
+                    )
+        return feeds
+
+    @staticmethod
+    def _output_names(checks: _Checks, requested: list[str] | None) -> list[str]:
+        if requested is None:
+            return checks.outputs
+        known = checks.output_names
+        for index, name in enumerate(requested):
+            if name not in known:
+                raise InvalidInput(
+                    f"the model has no output {name!r} (its outputs: {', '.join(checks.outputs)})",
+                    field=f"outputs[{index}].name",
+                )
+        return requested

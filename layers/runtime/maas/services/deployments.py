@@ -1,0 +1,173 @@
+"""Deployments: put a version in front of traffic, and take it back.
+
+The live route of a model is derived from its deployment records (see ``maas.domain.Deployment``),
+so deploy and rollback are each a short sequence of conditional writes that leaves a valid route
+after every step: a crash mid-way never leaves a model pointing at nothing. This issue runs the
+``all_at_once`` strategy; canary and linear reuse the same records with a weighted canary."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+
+from maas.domain import (
+    Deployment,
+    DeploymentStatus,
+    HealthThresholds,
+    ModelVersion,
+    Page,
+    Route,
+    Strategy,
+    check_model_name,
+    check_version_number,
+)
+from maas.errors import Conflict, InvalidInput, MaasError, NotFound
+from maas.ports import Registry
+from maas.services.models import ModelService
+from maas.services.pagination import all_deployments, iterate
+
+SUPPORTED_TARGETS = ("lambda",)
+SmokeTest = Callable[[ModelVersion], None]
+
+
+def _no_smoke_test(version: ModelVersion) -> None:
+    return None
+
+
+class DeploymentService:
+    def __init__(self, registry: Registry, models: ModelService, smoke_test: SmokeTest = _no_smoke_test):
+        self._registry = registry
+        self._models = models
+        self._smoke_test = smoke_test
+
+    def deploy(self, name: str, version: int | str, *, strategy: str = Strategy.ALL_AT_ONCE.value,
+               target: str = "lambda", created_by: str = "",
+               thresholds: HealthThresholds | None = None) -> Deployment:
+        check_model_name(name)
+        try:
+            chosen_strategy = Strategy(strategy)
+        except ValueError:
+            raise InvalidInput("strategy must be one of all_at_once, canary, linear",
+                               field="strategy") from None
+        if chosen_strategy is not Strategy.ALL_AT_ONCE:
+            raise InvalidInput(f"strategy {strategy!r} is not available on this server yet; "
+                               "use all_at_once", field="strategy")
+        if target not in SUPPORTED_TARGETS:
+            raise InvalidInput(f"target must be one of {', '.join(SUPPORTED_TARGETS)}", field="target")
+        ready = self._models.ready_version(name, version)
+        route = self._registry.get_route(name)
+        deployment = Deployment(
+            id=uuid.uuid4().hex,
+            model=name,
+            version=ready.version,
+            target=target,
+            strategy=chosen_strategy,
+            stable_version=route.stable_version if route else None,
+            thresholds=thresholds or HealthThresholds(),
+            created_by=created_by,
+        ).with_event("started", f"deploying version {ready.version} ({chosen_strategy.value})")
+        deployment = self._registry.create_deployment(deployment)
+        try:
+            self._smoke_test(ready)
+        except MaasError as failure:
+            failed = deployment.with_event("smoke_test_failed", failure.detail,
+                                           status=DeploymentStatus.FAILED)
+            self._registry.update_deployment(failed, DeploymentStatus.IN_PROGRESS)
+            raise
+        except Exception as crash:
+            failed = deployment.with_event("smoke_test_failed", type(crash).__name__,
+                                           status=DeploymentStatus.FAILED)
+            self._registry.update_deployment(failed, DeploymentStatus.IN_PROGRESS)
+            raise
+        promoted = deployment.with_event(
+            "promoted", f"version {ready.version} serves 100% of traffic",
+            status=DeploymentStatus.SUCCEEDED, stable_version=ready.version,
+        )
+        return self._registry.update_deployment(promoted, DeploymentStatus.IN_PROGRESS)
+
+    def rollback(self, name: str, *, to_version: int | None = None, created_by: str = "") -> Deployment:
+        """Cancel a deploy in flight, or return to the previous stable version (or ``to_version``).
+        Returns the deployment that is live afterwards."""
+        check_model_name(name)
+        self._registry.get_model(name)
+        if to_version is not None:
+            to_version = check_version_number(to_version, field="to_version")
+        history = list(all_deployments(self._registry, name))
+        in_flight = next((d for d in history if d.status is DeploymentStatus.IN_PROGRESS), None)
+        if in_flight is not None:
+            cancelled = in_flight.with_event("rolled_back", "cancelled by a manual rollback",
+                                             status=DeploymentStatus.ROLLED_BACK, canary_weight=0.0)
+            self._registry.update_deployment(cancelled, DeploymentStatus.IN_PROGRESS)
+            history = [cancelled if d.id == in_flight.id else d for d in history]
+            if to_version is None:
+                live = next((d for d in history if d.status is DeploymentStatus.SUCCEEDED), None)
+                return live or cancelled
+        succeeded = [d for d in history if d.status is DeploymentStatus.SUCCEEDED]
+        if to_version is not None:
+            return self._redeploy(name, to_version, succeeded[0] if succeeded else None, created_by)
+        if not succeeded:
+            raise Conflict(f"model {name!r} has no deployment to roll back")
+        current = succeeded[0]
+        previous = next((d for d in succeeded[1:] if d.stable_version != current.stable_version), None)
+        if previous is None:
+            raise Conflict(f"model {name!r} has no earlier stable version to roll back to; "
+                           "name one with to_version", field="to_version")
+        self._registry.update_deployment(
+            current.with_event("rolled_back", f"rolled back to version {previous.stable_version}",
+                               status=DeploymentStatus.ROLLED_BACK),
+            DeploymentStatus.SUCCEEDED,
+        )
+        return self._registry.get_deployment(previous.id)
+
+    def _redeploy(self, name: str, version: int, current: Deployment | None, created_by: str) -> Deployment:
+        ready = self._models.ready_version(name, version)
+        record = Deployment(
+            id=uuid.uuid4().hex, model=name, version=ready.version, strategy=Strategy.ALL_AT_ONCE,
+            stable_version=current.stable_version if current else None, created_by=created_by,
+        ).with_event("started", f"rollback to version {ready.version}")
+        record = self._registry.create_deployment(record)
+        live = self._registry.update_deployment(
+            record.with_event("promoted", f"version {ready.version} serves 100% of traffic",
+                              status=DeploymentStatus.SUCCEEDED, stable_version=ready.version),
+            DeploymentStatus.IN_PROGRESS,
+        )
+        if current is not None:
+            self._registry.update_deployment(
+                current.with_event("rolled_back", f"rolled back to version {ready.version}",
+                                   status=DeploymentStatus.ROLLED_BACK),
+                DeploymentStatus.SUCCEEDED,
+            )
+        return live
+
+    def recover_interrupted(self) -> list[Deployment]:
+        """Roll back deploys left IN_PROGRESS by a crash or restart, so none blocks the model."""
+        recovered = []
+        for model in iterate(self._registry.list_models):
+            for deployment in all_deployments(self._registry, model.name):
+                if deployment.status is DeploymentStatus.IN_PROGRESS:
+                    rolled = deployment.with_event("rolled_back", "interrupted by a server restart",
+                                                   status=DeploymentStatus.ROLLED_BACK, canary_weight=0.0)
+                    try:
+                        recovered.append(self._registry.update_deployment(rolled,
+                                                                          DeploymentStatus.IN_PROGRESS))
+                    except Conflict:
+                        continue
+        return recovered
+
+    def get(self, deployment_id: str) -> Deployment:
+        if not isinstance(deployment_id, str) or not deployment_id.isalnum() or len(deployment_id) > 64:
+            raise InvalidInput("deployment id must be alphanumeric", field="deployment_id")
+        return self._registry.get_deployment(deployment_id)
+
+    def history(self, name: str, limit: int, cursor: str | None) -> Page[Deployment]:
+        check_model_name(name)
+        self._registry.get_model(name)
+        return self._registry.list_deployments(name, min(max(limit, 1), 1000), cursor)
+
+    def route(self, name: str) -> Route:
+        check_model_name(name)
+        route = self._registry.get_route(name)
+        if route is None:
+            self._registry.get_model(name)
+            raise NotFound(f"model {name!r} is not deployed; deploy a version first")
+        return route

@@ -1,0 +1,169 @@
+"""Models and their immutable versions: create, push (reserve upload -> commit), delete.
+
+Registering a version is a two-step protocol so the bytes can go straight to storage (a presigned S3
+URL on AWS): the version number is allocated as PENDING with an upload reservation, the client
+uploads, and ``commit`` verifies size and sha256, validates the model in a sandboxed child process,
+promotes the bytes durably and only then flips the version to READY in one conditional write. A crash
+at any point leaves either nothing servable or a PENDING/FAILED record that cleanup removes."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from maas.domain import (
+    Model,
+    ModelVersion,
+    Page,
+    UploadTarget,
+    VersionStatus,
+    check_alias_name,
+    check_model_name,
+    check_version_number,
+)
+from maas.errors import ChecksumMismatch, Conflict, InvalidInput, ModelRejected, NotFound, NotReady
+from maas.ports import ArtifactStore, Registry, Validator
+from maas.settings import Limits
+
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+TAG_KEY = re.compile(r"[A-Za-z0-9_.:/-]{1,128}")
+
+
+@dataclass(frozen=True)
+class PendingVersion:
+    version: ModelVersion
+    upload: UploadTarget
+
+
+class ModelService:
+    def __init__(self, registry: Registry, artifacts: ArtifactStore, validator: Validator, limits: Limits):
+        self._registry = registry
+        self._artifacts = artifacts
+        self._validator = validator
+        self._limits = limits
+
+    # --- models -------------------------------------------------------------------------------
+    def create_model(self, name: str, *, description: str = "", tags: dict[str, str] | None = None,
+                     created_by: str = "") -> Model:
+        check_model_name(name)
+        if len(description) > 4096:
+            raise InvalidInput("description must be at most 4096 characters", field="description")
+        tags = dict(tags or {})
+        if len(tags) > 50:
+            raise InvalidInput("at most 50 tags", field="tags")
+        for key, value in tags.items():
+            if not TAG_KEY.fullmatch(key) or len(value) > 256:
+                raise InvalidInput("tag keys are 1-128 of [A-Za-z0-9_.:/-], values at most 256 characters",
+                                   field=f"tags.{key[:32]}")
+        return self._registry.create_model(
+            Model(name=name, description=description, tags=tags, created_by=created_by)
+        )
+
+    def get_model(self, name: str) -> Model:
+        return self._registry.get_model(check_model_name(name))
+
+    def list_models(self, limit: int, cursor: str | None) -> Page[Model]:
+        return self._registry.list_models(self._clamp(limit), cursor)
+
+    def delete_model(self, name: str, *, force: bool = False) -> None:
+        """Delete a model with its versions, aliases and deployments. Refused while it serves traffic
+        unless forced, so a typo cannot take a production model offline. Artifacts are freed by
+        cleanup (content-addressed blobs may be shared with other versions)."""
+        check_model_name(name)
+        self._registry.get_model(name)
+        if not force and self._registry.get_route(name) is not None:
+            raise Conflict(f"model {name!r} is deployed and serving traffic; force the delete to proceed",
+                           field="force")
+        self._registry.delete_model(name)
+
+    # --- versions -----------------------------------------------------------------------------
+    def begin_version(self, name: str, *, created_by: str = "", description: str = "") -> PendingVersion:
+        check_model_name(name)
+        if len(description) > 4096:
+            raise InvalidInput("description must be at most 4096 characters", field="description")
+        self._registry.get_model(name)
+        upload = self._artifacts.create_upload(name)
+        try:
+            version = self._registry.allocate_version(
+                name, created_by=created_by, upload_id=upload.upload_id, description=description
+            )
+        except BaseException:
+            self._artifacts.discard_upload(upload.upload_id)
+            raise
+        return PendingVersion(version=version, upload=upload)
+
+    def commit_version(self, name: str, version: int, *, sha256: str, size: int) -> ModelVersion:
+        check_model_name(name)
+        version = check_version_number(version)
+        if not isinstance(sha256, str) or not SHA256_HEX.fullmatch(sha256):
+            raise InvalidInput("sha256 must be 64 lowercase hex characters", field="sha256")
+        if not isinstance(size, int) or size <= 0:
+            raise InvalidInput("size must be a positive integer", field="size")
+        if size > self._limits.max_model_bytes:
+            raise InvalidInput(f"models are limited to {self._limits.max_model_bytes} bytes", field="size")
+        current = self._registry.get_version(name, version)
+        if current.status is VersionStatus.READY:
+            if current.sha256 == sha256:
+                return current  # an idempotent retry of a commit that already succeeded
+            raise Conflict(f"version {version} of {name!r} is already committed with another sha256",
+                           field="sha256")
+        if current.status is VersionStatus.FAILED:
+            raise Conflict(f"version {version} of {name!r} failed validation: {current.status_reason}")
+        upload_id = current.upload_id
+        if upload_id is None:
+            raise Conflict(f"version {version} of {name!r} has no upload reservation")
+        try:
+            staged = self._artifacts.inspect_upload(upload_id)
+        except NotFound:
+            raise Conflict(f"nothing was uploaded for version {version} of {name!r} yet; "
+                           "send the file to its upload URL first") from None
+        if staged.size != size:
+            raise ChecksumMismatch(f"uploaded {staged.size} bytes but the commit says {size}", field="size")
+        if staged.sha256 != sha256:
+            raise ChecksumMismatch("the uploaded bytes do not match the sha256 given", field="sha256")
+        try:
+            with self._artifacts.staged_path(upload_id) as path:
+                signature = self._validator.validate(path)
+        except ModelRejected as rejected:
+            self._registry.mark_failed(name, version, rejected.detail)
+            self._artifacts.discard_upload(upload_id)
+            raise
+        stored = self._artifacts.promote(upload_id, name, version)
+        try:
+            ready = self._registry.mark_ready(name, version, stored, signature)
+        except Conflict:
+            ready = self._registry.get_version(name, version)
+            if ready.status is not VersionStatus.READY or ready.sha256 != sha256:
+                raise
+        self._artifacts.discard_upload(upload_id)
+        return ready
+
+    def get_version(self, name: str, version: int | str) -> ModelVersion:
+        return self._registry.get_version(check_model_name(name), self.resolve(name, version))
+
+    def list_versions(self, name: str, limit: int, cursor: str | None) -> Page[ModelVersion]:
+        check_model_name(name)
+        self._registry.get_model(name)
+        return self._registry.list_versions(name, self._clamp(limit), cursor)
+
+    def delete_version(self, name: str, version: int) -> None:
+        self._registry.delete_version(check_model_name(name), check_version_number(version))
+
+    def resolve(self, name: str, ref: int | str) -> int:
+        """A version number, or an alias name resolved to the version it points at."""
+        if isinstance(ref, int) or (isinstance(ref, str) and ref.isascii() and ref.isdigit()):
+            return check_version_number(ref)
+        alias = check_alias_name(ref, field="version")
+        return self._registry.get_alias(name, alias).version
+
+    def ready_version(self, name: str, ref: int | str) -> ModelVersion:
+        found = self.get_version(name, ref)
+        if found.status is not VersionStatus.READY:
+            raise NotReady(f"version {found.version} of {name!r} is {found.status.value}, not READY",
+                           field="version")
+        return found
+
+    def _clamp(self, limit: int) -> int:
+        if limit < 1:
+            raise InvalidInput("limit must be at least 1", field="limit")
+        return min(limit, self._limits.page_size_max)

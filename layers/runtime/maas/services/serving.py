@@ -1,0 +1,78 @@
+"""Which version answers an inference request.
+
+Looked up on every request, so registry reads are cached for a short TTL: a deploy or rollback made
+through this process invalidates at once, one made elsewhere (another server on the same store, the
+AWS deploy workflow) reaches this process within ``ttl_s``."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable
+
+from maas.domain import ModelVersion, Route, VersionStatus, check_model_name
+from maas.errors import NotFound, NotReady
+from maas.ports import Registry
+from maas.services.models import ModelService
+
+
+class ServingResolver:
+    def __init__(self, registry: Registry, models: ModelService, *, ttl_s: float = 2.0,
+                 clock: Callable[[], float] = time.monotonic, rng: Callable[[], float] = random.random):
+        self._registry = registry
+        self._models = models
+        self._ttl = ttl_s
+        self._clock = clock
+        self._rng = rng
+        self._routes: dict[str, tuple[float, Route | None]] = {}
+        self._versions: dict[tuple[str, int], tuple[float, ModelVersion]] = {}
+        self._lock = threading.Lock()
+
+    def invalidate(self, name: str | None = None) -> None:
+        with self._lock:
+            if name is None:
+                self._routes.clear()
+                self._versions.clear()
+                return
+            self._routes.pop(name, None)
+            for key in [k for k in self._versions if k[0] == name]:
+                self._versions.pop(key, None)
+
+    def route(self, name: str) -> Route | None:
+        now = self._clock()
+        cached = self._routes.get(name)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        check_model_name(name)
+        route = self._registry.get_route(name)
+        if route is None:
+            self._registry.get_model(name)  # NotFound for an unknown model
+        with self._lock:
+            self._routes[name] = (now + self._ttl, route)
+        return route
+
+    def version(self, name: str, number: int) -> ModelVersion:
+        now = self._clock()
+        cached = self._versions.get((name, number))
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        found = self._registry.get_version(name, number)
+        if found.status is not VersionStatus.READY:
+            raise NotReady(f"version {number} of {name!r} is {found.status.value}, not READY")
+        with self._lock:
+            self._versions[(name, number)] = (now + self._ttl, found)
+        return found
+
+    def pick(self, name: str, ref: str | None = None) -> ModelVersion:
+        """The version to run: the one named (number or alias), else the route's stable or canary."""
+        if ref is not None:
+            return self.version(name, self._models.resolve(name, ref))
+        route = self.route(name)
+        if route is None:
+            raise NotFound(f"model {name!r} is not deployed; deploy a version or name one in the URL")
+        number = route.stable_version
+        if route.canary_version is not None and route.canary_weight > 0 and \
+                self._rng() * 100.0 < route.canary_weight:
+            number = route.canary_version
+        return self.version(name, number)

@@ -1,0 +1,70 @@
+"""Shared fixtures: a real local backend in a temp home, the real app, and helpers to push models."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from maas.api import create_app
+from maas.backends.local import LocalBackend
+from maas.examples import example_model_path
+from maas.settings import Limits, Settings
+
+HOST = "127.0.0.1"
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(home=tmp_path / "home", limits=Limits(validation_timeout_s=60))
+
+
+@pytest.fixture
+def backend(settings: Settings) -> Iterator[LocalBackend]:
+    local = LocalBackend(settings)
+    yield local
+    local.close()
+
+
+@pytest.fixture
+def admin_token(backend: LocalBackend) -> str:
+    token, _ = backend.ensure_admin_token(None)
+    assert token is not None
+    return token
+
+
+@pytest.fixture
+def app(backend: LocalBackend, settings: Settings) -> Any:
+    return create_app(backend, settings)
+
+
+@pytest.fixture
+def client(app: Any, admin_token: str) -> Iterator[TestClient]:
+    with TestClient(app, base_url=f"http://{HOST}") as test_client:
+        test_client.headers["Authorization"] = f"Bearer {admin_token}"
+        yield test_client
+
+
+@pytest.fixture
+def example_bytes() -> bytes:
+    return example_model_path().read_bytes()
+
+
+def push(client: TestClient, name: str, data: bytes, *, create: bool = True) -> dict[str, Any]:
+    """Create (if needed), reserve, upload and commit one version through the HTTP API."""
+    if create:
+        created = client.post("/models", json={"name": name})
+        assert created.status_code in (201, 409), created.text
+    reserved = client.post(f"/models/{name}/versions", json={})
+    assert reserved.status_code == 201, reserved.text
+    target = reserved.json()
+    uploaded = client.put(target["upload"]["url"], content=data,
+                          headers={"Content-Type": "application/octet-stream"})
+    assert uploaded.status_code == 200, uploaded.text
+    version = target["version"]["version"]
+    return client.post(f"/models/{name}/versions/{version}/commit",
+                       json={"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}).json()
