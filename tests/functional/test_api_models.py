@@ -186,3 +186,12 @@ def test_oversize_body_is_413(client: TestClient, settings) -> None:  # type: ig
 def test_unknown_route_and_method_are_problems(client: TestClient) -> None:
     assert_problem(client.get("/nope"), 404)
     assert_problem(client.patch("/models", json={}), 405)
+
+
+def test_openapi_and_docs_are_served(client: TestClient) -> None:
+    docs = client.get("/docs", headers={"Authorization": ""})
+    assert docs.status_code == 200 and "swagger" in docs.text.lower()
+    spec = client.get("/openapi.json").json()
+    assert spec["info"]["title"] == "maas"
+    assert "HTTPBearer" in spec["components"]["securitySchemes"]
+    assert "/v2/models/{name}/infer" in spec["paths"]

@@ -89,9 +89,15 @@ def build_server(settings: Settings, host: str = "127.0.0.1") -> tuple[Any, Fast
         if exc.name and not exc.name.startswith("maas"):
             raise CliError(f"the server needs {exc.name!r}; {EXTRAS_HINT}") from None
         raise
+    from maas.backends.local.maintenance import clean, recover_interrupted_deploys
+
     backend = LocalBackend(settings)
     try:
         secret, created = backend.ensure_admin_token(os.environ.get("MAAS_ADMIN_TOKEN") or None)
+        for interrupted in recover_interrupted_deploys(backend):
+            stderr_console().print(f"rolled back deploy of {interrupted.model} v{interrupted.version}: "
+                                   "it was interrupted by a restart", style="yellow", markup=False)
+        clean(backend)
         allowed = LOOPBACK_ALLOWED_HOSTS if host in LOOPBACK_HOSTS else None
         app = create_app(backend, settings, allowed_hosts=allowed)
     except BaseException:
@@ -147,11 +153,15 @@ def serve(host: str = "127.0.0.1", port: int = 8080, home: Path | None = None) -
         out.print(f"maas is serving {settings.home} at [bold]{url}[/bold]", soft_wrap=True)
         out.print(f"API docs: {url}/docs    stop with Ctrl-C", soft_wrap=True)
         server = make_server(app, host, port, "info")
+        from maas.backends.local.maintenance import Maintenance
+
+        maintenance = Maintenance(backend).start()
         try:
             server.run(sockets=[sock])
         except KeyboardInterrupt:
             pass
         finally:
+            maintenance.stop()
             close_backend(backend)
     finally:
         sock.close()

@@ -9,6 +9,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import ORJSONResponse
+from starlette.concurrency import run_in_threadpool
 
 from maas import __version__
 from maas.api.deps import Invoker, ModelName, Services, ServicesDep, VersionRef
@@ -28,6 +29,10 @@ from maas.protocol.oip import (
 from maas.services.tokens import TokenService
 
 router = APIRouter(tags=["inference"])
+#: Requests up to this many input elements run on the event loop: a thread hop would cost more than
+#: the model. Bigger ones run in the threadpool (onnxruntime releases the GIL) so they never stall
+#: the other connections.
+INLINE_MAX_ELEMENTS = 16_384
 
 INFER_OPENAPI: dict[str, Any] = {
     "requestBody": {"required": True, "content": {
@@ -122,7 +127,10 @@ async def _infer(request: Request, name: str, ref: str | None) -> Response:
         header_length = int(raw_length)
     body = await request.body()
     decoded = decode_request(body, header_length, services.settings.limits)
-    outputs = services.engine.infer(chosen, decoded)
+    if sum(array.size for array in decoded.inputs.values()) <= INLINE_MAX_ELEMENTS:
+        outputs = services.engine.infer(chosen, decoded)
+    else:
+        outputs = await run_in_threadpool(services.engine.infer, chosen, decoded)
     payload, json_length = encode_response(name, str(chosen.version), decoded.id, outputs,
                                            decoded.response_binary())
     headers = {VERSION_HEADER: str(chosen.version)}
