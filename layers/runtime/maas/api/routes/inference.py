@@ -8,7 +8,6 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import ORJSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from maas import __version__
@@ -95,22 +94,22 @@ def version_metadata(name: ModelName, version: VersionRef, services: ServicesDep
     return _metadata(services, name, services.resolver.pick(name, version))
 
 
-def _readiness(services: Services, name: str, ref: str | None) -> Response:
+def _readiness(services: Services, name: str, ref: str | None) -> dict[str, Any]:
     try:
         chosen = services.resolver.pick(name, ref)
         services.engine.warm(chosen)
     except NotReady as error:
         raise NotReady(error.detail, extra={"name": name, "ready": False}) from None
-    return ORJSONResponse({"name": name, "ready": True})
+    return {"name": name, "ready": True}
 
 
 @router.get("/v2/models/{name}/ready", responses=problem_responses(401, 403, 404, 409))
-def model_ready(name: ModelName, services: ServicesDep, _: Invoker) -> Response:
+def model_ready(name: ModelName, services: ServicesDep, _: Invoker) -> dict[str, Any]:
     return _readiness(services, name, None)
 
 
 @router.get("/v2/models/{name}/versions/{version}/ready", responses=problem_responses(401, 403, 404, 409))
-def version_ready(name: ModelName, version: VersionRef, services: ServicesDep, _: Invoker) -> Response:
+def version_ready(name: ModelName, version: VersionRef, services: ServicesDep, _: Invoker) -> dict[str, Any]:
     return _readiness(services, name, version)
 
 
