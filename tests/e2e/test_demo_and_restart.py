@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -92,3 +94,35 @@ def test_maas_admin_token_from_the_environment(tmp_path: Path) -> None:
         assert secret not in server.log.read_text()
     finally:
         stop_server(server)
+
+
+def test_demo_keeps_serving_until_ctrl_c(tmp_path: Path) -> None:
+    port = free_port()
+    env = {**os.environ, "MAAS_HOME": str(tmp_path / "home")}
+    env.pop("MAAS_ADMIN_TOKEN", None)
+    demo = subprocess.Popen([sys.executable, "-m", "maas", "demo", "--port", str(port)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        token_file = tmp_path / "home" / "admin-token"
+        deadline = time.monotonic() + 120
+        answered = None
+        while time.monotonic() < deadline and demo.poll() is None:
+            if token_file.exists():
+                headers = {"Authorization": f"Bearer {token_file.read_text().strip()}"}
+                try:
+                    response = httpx.get(f"http://127.0.0.1:{port}/v2/models/iris/ready", headers=headers)
+                except httpx.TransportError:
+                    response = None
+                if response is not None and response.status_code == 200:
+                    answered = response.json()
+                    break
+            time.sleep(0.2)
+        assert answered == {"name": "iris", "ready": True}
+        demo.send_signal(signal.SIGINT)
+        assert demo.wait(30) == 0
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"http://127.0.0.1:{port}/v2/health/live")

@@ -111,7 +111,7 @@ class DeploymentService:
         previous = next((d for d in succeeded[1:] if d.stable_version != current.stable_version), None)
         if previous is None:
             raise Conflict(f"model {name!r} has no earlier stable version to roll back to; "
-                           "name one with to_version", field="to_version")
+                           "name the version to roll back to", field="to_version")
         self._registry.update_deployment(
             current.with_event("rolled_back", f"rolled back to version {previous.stable_version}",
                                status=DeploymentStatus.ROLLED_BACK),
