@@ -397,9 +397,12 @@ def test_get_route_follows_the_deployments(registry: SqliteRegistry) -> None:
     assert registry.get_route("m") is None
     assert registry.get_route("unknown") is None
     first = registry.create_deployment(deployment("m", v1, dep_id="d1"))
-    route = registry.get_route("m")
-    assert route is not None  # a first deploy in progress serves its own version
-    assert (route.stable_version, route.canary_version, route.deployment_id) == (v1, None, "d1")
+    assert registry.get_route("m") is None  # a first deploy serves nothing until it is promoted
+    registry.create_model(Model(name="n"))
+    n1 = ready(registry, "n")
+    registry.create_deployment(deployment("n", n1, canary=n1, weight=10, dep_id="n1"))
+    route = registry.get_route("n")  # a first canary takes all traffic: there is no stable to share with
+    assert route is not None and (route.stable_version, route.canary_version) == (n1, None)
     registry.update_deployment(first.with_event("promoted", status=DeploymentStatus.SUCCEEDED,
                                                 stable_version=v1), DeploymentStatus.IN_PROGRESS)
     route = registry.get_route("m")

@@ -526,8 +526,11 @@ class SqliteRegistry:
                 stable = deployment.version
             return Route(model=model, stable_version=stable, deployment_id=deployment.id)
         if deployment.stable_version is None:
-            # A first deploy in flight: there is no previous stable version, so its version serves.
-            return Route(model=model, stable_version=deployment.version, deployment_id=deployment.id)
+            # A first deploy in flight: nothing serves until it is promoted, unless it already shifts
+            # traffic to a canary, which then takes all of it (there is nothing else to send it to).
+            if deployment.canary_version is None or deployment.canary_weight <= 0:
+                return None
+            return Route(model=model, stable_version=deployment.canary_version, deployment_id=deployment.id)
         canary = deployment.canary_version
         return Route(
             model=model,
