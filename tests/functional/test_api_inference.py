@@ -8,7 +8,7 @@ import pytest
 import tritonclient.http as triton
 from fastapi.testclient import TestClient
 
-from maas.examples import EXAMPLE_REQUEST
+from maas.examples import EXAMPLE_REQUEST, example_model_path
 from tests.conftest import push
 from tests.functional.test_api_models import assert_problem
 from tests.models import failing_model
@@ -138,3 +138,14 @@ def test_prometheus_metrics_per_model_and_version(deployed: TestClient) -> None:
     assert 'maas_model_load_seconds_count{model="iris",version="1"}' in text
     assert 'maas_errors_total{model="fragile",version="1"} 1.0' in text
     assert 'maas_errors_total{model="iris",version="1"}' not in text
+
+
+def test_lost_artifact_is_a_storage_fault_without_internals(client: TestClient, backend) -> None:  # type: ignore[no-untyped-def]
+    version = push(client, "iris", example_model_path().read_bytes())
+    blob = next((backend.settings.home / "artifacts").rglob(version["sha256"]))
+    blob.chmod(0o644)
+    blob.unlink()
+    response = client.post("/v2/models/iris/versions/1/infer", json=EXAMPLE_REQUEST)
+    body = assert_problem(response, 500)
+    assert body["title"] == "Stored artifact is corrupted"
+    assert str(backend.settings.home) not in response.text and "Traceback" not in response.text

@@ -13,6 +13,7 @@ from maas.api.guard import RequestGuard
 from maas.api.metrics import PrometheusMetrics
 from maas.api.routes import deployments, inference, models, tokens
 from maas.domain import ModelVersion
+from maas.errors import NotFound, StorageCorrupted
 from maas.inference.engine import InferenceEngine
 from maas.ports import Backend
 from maas.services.aliases import AliasService
@@ -39,8 +40,13 @@ def create_app(backend: Backend, settings: Settings | None = None, *,
 
     def read_artifact(version: ModelVersion) -> bytes:
         assert version.sha256 is not None
-        return backend.artifacts.read(artifact_of(version.sha256, version.size, version.storage_key,
-                                                  version.storage_version_id))
+        try:
+            return backend.artifacts.read(artifact_of(version.sha256, version.size, version.storage_key,
+                                                      version.storage_version_id))
+        except NotFound:
+            # A READY version whose bytes vanished is a storage fault, not a missing resource.
+            raise StorageCorrupted(f"the artifact of {version.model!r} version {version.version} is missing "
+                                   "from storage") from None
 
     engine = InferenceEngine(read_artifact, settings.limits, metrics)
     model_service = ModelService(backend.registry, backend.artifacts, backend.validator, settings.limits)
