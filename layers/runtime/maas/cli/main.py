@@ -533,9 +533,12 @@ def deploy(
         int | None, typer.Option("--bake", help="Seconds to watch health before promoting.", min=0)
     ] = None,
 ) -> None:
-    """Deploy a version: smoke test it, shift traffic, watch health, then promote or roll back.
+    """Deploy a version (number or alias): load and verify it, then send all traffic to it.
 
-    Example: maas deploy fraud 3 --strategy canary --canary-percent 10 --bake 300
+    The previous stable version stays one `maas rollback` away. Canary and linear strategies are
+    accepted by the CLI but refused by servers that do not offer them yet.
+
+    Example: maas deploy fraud 3    or    maas deploy fraud champion
     """
     state = _state(ctx)
     with state.client() as client:

@@ -1,0 +1,91 @@
+"""Every CLI command against a real `maas serve` (the CLI runs in-process, the server in a subprocess)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from maas.cli.main import app
+from maas.examples import example_model_path
+from tests.e2e.conftest import Server
+from tests.models import scale_model
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def run(server: Server, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    for key, value in server.env().items():
+        if key.startswith("MAAS_"):
+            monkeypatch.setenv(key, value)
+    runner = CliRunner()
+
+    def invoke(*args: str, code: int = 0) -> str:
+        result = runner.invoke(app, list(args), catch_exceptions=False)
+        assert result.exit_code == code, f"maas {' '.join(args)} -> {result.exit_code}\n{result.output}"
+        return result.output
+
+    return invoke
+
+
+def test_models_lifecycle(run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    assert "created" in run("models", "create", "cli-m", "--description", "from the CLI", "--tag", "team=risk").lower()
+    listed = json.loads(run("--json", "models", "list"))
+    assert "cli-m" in [m["name"] for m in listed]
+    shown = json.loads(run("--json", "models", "show", "cli-m"))
+    assert shown["model"]["tags"] == {"team": "risk"}
+    model_file = tmp_path / "m.onnx"
+    model_file.write_bytes(scale_model(3.0))
+    pushed = json.loads(run("--json", "models", "push", "cli-m", str(model_file)))
+    assert pushed["status"] == "READY" and pushed["version"] == 1
+    assert "READY" in run("versions", "cli-m")
+    run("models", "create", "cli-m", code=1)
+    run("models", "delete", "cli-m", "--yes")
+    run("models", "show", "cli-m", code=1)
+
+
+def test_alias_deploy_predict_status_rollback(run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    for factor in (1.0, 2.0):
+        path = tmp_path / f"{factor}.onnx"
+        path.write_bytes(scale_model(factor))
+        run("models", "push", "cli-d", str(path))
+    run("alias", "set", "cli-d", "champion", "2")
+    assert "champion" in run("alias", "list", "cli-d")
+    run("deploy", "cli-d", "1")
+    run("deploy", "cli-d", "champion")
+    answer = json.loads(run("--json", "predict", "cli-d", "--data", '{"x": [[1, 1, 1, 1]]}'))
+    assert answer["model_version"] == "2" and answer["outputs"][0]["data"] == [2, 2, 2, 2]
+    status = json.loads(run("--json", "status", "cli-d"))
+    assert status["route"]["stable_version"] == 2
+    assert [d["status"] for d in status["deployments"]] == ["SUCCEEDED", "SUCCEEDED"]
+    assert "rolled back" in run("rollback", "cli-d")
+    assert json.loads(run("--json", "status", "cli-d"))["route"]["stable_version"] == 1
+    run("rollback", "cli-d", "--to", "2")
+    assert json.loads(run("--json", "status", "cli-d"))["route"]["stable_version"] == 2
+    run("alias", "delete", "cli-d", "champion")
+    assert "champion" not in run("alias", "list", "cli-d")
+    run("deploy", "cli-d", "7", code=1)
+    run("predict", "cli-d", "--data", "{broken", code=2)
+
+
+def test_tokens(run) -> None:  # type: ignore[no-untyped-def]
+    created = json.loads(run("--json", "tokens", "create", "cli-app", "--scope", "invoke", "--model", "iris"))
+    assert created["token"].startswith("maas_") and created["model"] == "iris"
+    assert "cli-app" in run("tokens", "list")
+    run("tokens", "revoke", created["id"])
+    listed = json.loads(run("--json", "tokens", "list"))
+    assert next(t for t in listed if t["id"] == created["id"])["revoked"] is True
+    run("tokens", "create", "bad", "--scope", "root", code=2)
+
+
+def test_errors_are_one_line(run) -> None:  # type: ignore[no-untyped-def]
+    output = run("--token", "maas_" + "x" * 43, "models", "list", code=1)
+    assert output.strip().count("\n") == 0 and "401" in output
+    missing = run("models", "push", "nope", str(example_model_path().parent / "missing.onnx"), code=2)
+    assert "does not exist" in missing and "Traceback" not in missing
+    rejected = run("models", "push", "cli-bad", str(Path(__file__)), code=1)
+    assert "422" in rejected and rejected.strip().count("\n") == 0
+    assert json.loads(run("--json", "versions", "cli-bad"))[0]["status"] == "FAILED"
