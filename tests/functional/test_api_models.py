@@ -195,3 +195,20 @@ def test_openapi_and_docs_are_served(client: TestClient) -> None:
     assert spec["info"]["title"] == "maas"
     assert "HTTPBearer" in spec["components"]["securitySchemes"]
     assert "/v2/models/{name}/infer" in spec["paths"]
+
+
+def test_streamed_body_without_length_is_capped(client: TestClient, settings) -> None:  # type: ignore[no-untyped-def]
+    chunk = b" " * 65536
+    chunks = (settings.limits.max_request_bytes // len(chunk)) + 2
+
+    def body():  # type: ignore[no-untyped-def]
+        yield b'{"name": "streamed"'
+        for _ in range(chunks):
+            yield chunk
+        yield b"}"
+
+    response = client.post("/models", content=body(), headers={"Content-Type": "application/json"})
+    assert_problem(response, 413)
+    assert client.get("/models").json()["items"] == []
+    assert_problem(client.post("/models", content=b"{}", headers={"Content-Type": "application/json",
+                                                                   "Content-Length": "x"}), 400)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
+
+from maas.errors import InvalidInput
 
 
 def _default_home() -> Path:
@@ -32,13 +34,16 @@ class Settings(BaseModel):
 
     @classmethod
     def from_env(cls, home: Path | str | None = None) -> Settings:
-        limits = Limits()
         overrides = {
-            name: type(getattr(limits, name))(os.environ[f"MAAS_{name.upper()}"])
+            name: os.environ[f"MAAS_{name.upper()}"]
             for name in Limits.model_fields
             if f"MAAS_{name.upper()}" in os.environ
         }
-        if overrides:
-            limits = limits.model_copy(update=overrides)
+        try:
+            limits = Limits.model_validate(overrides)
+        except ValidationError as error:
+            first = error.errors()[0]
+            variable = f"MAAS_{str(first['loc'][0]).upper()}"
+            raise InvalidInput(f"{variable}: {first['msg']}", field=variable) from None
         resolved_home = Path(home).expanduser() if home is not None else _default_home()
         return cls(home=resolved_home, limits=limits)

@@ -88,29 +88,42 @@ class RequestGuard:
                 await _problem(send, 413, "Payload too large", f"the body exceeds the {cap}-byte limit")
                 return
         if declared is None and method in MUTATING:
-            receive = _capped(receive, cap)
+            await self._call_capped(scope, receive, send, cap)
+            return
         await self.app(scope, receive, send)
+
+    async def _call_capped(self, scope: Scope, receive: Receive, send: Send, cap: int) -> None:
+        """Stream a body of unknown length, answering 413 once it passes ``cap``, whatever the app
+        made of the interrupted read (FastAPI turns body errors into a generic 400)."""
+        seen = 0
+        exceeded = False
+        answered = False
+
+        async def capped_receive() -> Message:
+            nonlocal seen, exceeded
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > cap:
+                    exceeded = True
+                    raise BodyTooLarge(f"the body exceeds the {cap}-byte limit")
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal answered
+            if not exceeded:
+                await send(message)
+            elif message["type"] == "http.response.start" and not answered:
+                answered = True
+                await _problem(send, 413, "Payload too large", f"the body exceeds the {cap}-byte limit")
+
+        await self.app(scope, capped_receive, guarded_send)
 
 
 def _same_origin(origin: str, headers: dict[bytes, bytes]) -> bool:
     host = headers.get(b"host", b"").decode("latin-1").lower()
     _, _, rest = origin.lower().partition("://")
     return bool(rest) and rest.rstrip("/") == host
-
-
-def _capped(receive: Receive, cap: int) -> Receive:
-    seen = 0
-
-    async def wrapped() -> Message:
-        nonlocal seen
-        message = await receive()
-        if message["type"] == "http.request":
-            seen += len(message.get("body", b""))
-            if seen > cap:
-                raise BodyTooLarge(f"the body exceeds the {cap}-byte limit")
-        return message
-
-    return wrapped
 
 
 async def _problem(send: Send, status: int, title: str, detail: str) -> None:
