@@ -49,9 +49,10 @@ def get_model(name: ModelName, services: ServicesDep, _: Invoker) -> ModelStatus
     latest = services.models.list_versions(name, 1, None).items
     history = services.deployments.history(name, 20, None).items
     route = services.backend.registry.get_route(name)
-    current = next((d for d in history if d.status is DeploymentStatus.IN_PROGRESS), None) or next(
-        (d for d in history if route is not None and d.id == route.deployment_id), None) or (
-        history[0] if history else None)
+    # What a user wants to see first: the deploy in flight, else the live one, else the newest attempt.
+    in_flight = next((d for d in history if d.status is DeploymentStatus.IN_PROGRESS), None)
+    live = next((d for d in history if route is not None and d.id == route.deployment_id), None)
+    current = in_flight or live or (history[0] if history else None)
     return ModelStatus(model=model, latest_version=latest[0].version if latest else None, route=route,
                        deployment=current)
 
