@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import signal
@@ -18,7 +19,7 @@ from maas.domain import Deployment
 from maas.inference.validation import inspect_model_bytes
 from maas.services.tokens import new_token_value
 from maas.settings import Settings
-from tests.e2e.conftest import free_port, start_server, stop_server
+from tests.e2e.conftest import Server, free_port, start_server, stop_server
 from tests.models import scale_model
 
 pytestmark = pytest.mark.e2e
@@ -51,26 +52,19 @@ def test_restart_rolls_back_a_deploy_the_crash_interrupted(tmp_path: Path) -> No
             version = http.post("/models/m/versions", json={}).json()["version"]["version"]
     finally:
         stop_server(server)
-    # a deploy that was in flight when the server died (its record says IN_PROGRESS)
-    backend = LocalBackend(Settings(home=home))
-    backend.registry.get_version("m", version)
-    backend.close()
-    stuck_backend = LocalBackend(Settings(home=home))
-    import hashlib
-
-    from maas.ports import StoredArtifact
-
+    # While the server is down, leave the store as a crash mid-deploy would: a READY version and a
+    # deployment record still IN_PROGRESS.
+    stuck = LocalBackend(Settings(home=home))
+    assert stuck.registry.get_version("m", version).status.value == "PENDING"
     data = scale_model(1.0)
-    reserved = stuck_backend.artifacts.create_upload("m")
-    stuck_backend.artifacts.receive_upload(reserved.upload_id, io.BytesIO(data), len(data))
-    second = stuck_backend.registry.allocate_version("m", created_by="t", upload_id=reserved.upload_id)
-    stored: StoredArtifact = stuck_backend.artifacts.promote(reserved.upload_id, "m", second.version)
-
-    stuck_backend.registry.mark_ready("m", second.version, stored, inspect_model_bytes(data, Settings().limits))
-    assert stored.sha256 == hashlib.sha256(data).hexdigest()
-    stuck_backend.registry.create_deployment(Deployment(id=uuid.uuid4().hex, model="m", version=second.version,
-                                                        stable_version=None))
-    stuck_backend.close()
+    reserved = stuck.artifacts.create_upload("m")
+    stuck.artifacts.receive_upload(reserved.upload_id, io.BytesIO(data), len(data))
+    second = stuck.registry.allocate_version("m", created_by="t", upload_id=reserved.upload_id)
+    stored = stuck.artifacts.promote(reserved.upload_id, "m", second.version, hashlib.sha256(data).hexdigest())
+    stuck.registry.mark_ready("m", second.version, stored, inspect_model_bytes(data, Settings().limits))
+    stuck.registry.create_deployment(Deployment(id=uuid.uuid4().hex, model="m", version=second.version,
+                                                stable_version=None))
+    stuck.close()
     restarted = start_server(home, tmp_path / "b.log")
     try:
         with httpx.Client(base_url=restarted.url, headers={"Authorization": f"Bearer {restarted.token}"}) as http:
@@ -121,3 +115,12 @@ def test_demo_keeps_serving_until_ctrl_c(tmp_path: Path) -> None:
             demo.wait()
     with pytest.raises(httpx.TransportError):
         httpx.get(f"http://127.0.0.1:{port}/v2/health/live")
+
+
+def test_a_second_server_on_the_same_home_is_refused(server: Server) -> None:
+    env = {**os.environ, "MAAS_HOME": str(server.home)}
+    second = subprocess.run([sys.executable, "-m", "maas", "serve", "--port", str(free_port())], env=env,
+                            capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert second.returncode == 1
+    assert "another maas server is already using" in second.stderr and "Traceback" not in second.stderr
+    assert httpx.get(f"{server.url}/v2/health/live").status_code == 200

@@ -125,7 +125,8 @@ def _commit_then_die(home: str, data: bytes) -> None:
     models.create_model("m")
     pending = models.begin_version("m")
     backend.artifacts.receive_upload(pending.upload.upload_id, io.BytesIO(data), len(data))
-    backend.artifacts.promote(pending.upload.upload_id, "m", pending.version.version)
+    backend.artifacts.promote(pending.upload.upload_id, "m", pending.version.version,
+                              hashlib.sha256(data).hexdigest())
     os.kill(os.getpid(), signal.SIGKILL)  # between the artifact write and the registry commit
 
 

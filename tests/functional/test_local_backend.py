@@ -492,7 +492,7 @@ store = FileArtifactStore(home / "artifacts", Limits())
 target = store.create_upload("m")
 version = reg.allocate_version("m", created_by="child", upload_id=target.upload_id)
 store.receive_upload(target.upload_id, io.BytesIO(Path(sys.argv[2]).read_bytes()), 1 << 30)
-artifact = store.promote(target.upload_id, "m", version.version)
+artifact = store.promote(target.upload_id, "m", version.version, store.inspect_upload(target.upload_id).sha256)
 print(artifact.sha256, artifact.size, artifact.key, flush=True)
 time.sleep(60)
 reg.mark_ready("m", version.version, artifact, None)
@@ -577,7 +577,7 @@ def test_bad_upload_ids_are_refused_and_create_nothing(tmp_path: Path, bad: str)
     calls: list[Callable[[], object]] = [
         lambda: store.receive_upload(bad, io.BytesIO(b"data"), 100),
         lambda: store.inspect_upload(bad),
-        lambda: store.promote(bad, "m", 1),
+        lambda: store.promote(bad, "m", 1, "0" * 64),
         lambda: store.discard_upload(bad),
         lambda: store.staged_path(bad).__enter__(),
     ]
@@ -591,14 +591,14 @@ def test_bad_upload_ids_are_refused_and_create_nothing(tmp_path: Path, bad: str)
 def test_promote_is_durable_idempotent_and_read_only(store: FileArtifactStore) -> None:
     data = os.urandom(MiB + 1)
     upload_id = upload(store, data)
-    artifact = store.promote(upload_id, "m", 1)
     sha = hashlib.sha256(data).hexdigest()
+    artifact = store.promote(upload_id, "m", 1, sha)
     assert artifact == StoredArtifact(sha256=sha, size=len(data), key=f"sha256/{sha}", version_id=None)
     blob = store.root / "blobs" / "sha256" / sha[:2] / sha
     assert stat.S_IMODE(blob.stat().st_mode) == 0o444
-    assert store.promote(upload_id, "m", 1) == artifact
+    assert store.promote(upload_id, "m", 1, sha) == artifact
     same_bytes = upload(store, data)
-    assert store.promote(same_bytes, "m", 2) == artifact
+    assert store.promote(same_bytes, "m", 2, sha) == artifact
     assert store.exists(artifact) and store.read(artifact) == data
     assert list(store.list_artifacts()) == [artifact]
     store.delete(artifact)
@@ -606,7 +606,7 @@ def test_promote_is_durable_idempotent_and_read_only(store: FileArtifactStore) -
     with pytest.raises(NotFound):
         store.read(artifact)
     store.delete(artifact)  # deleting twice is fine
-    assert store.promote(upload_id, "m", 1) == artifact  # a retry rewrites a deleted blob
+    assert store.promote(upload_id, "m", 1, sha) == artifact  # a retry rewrites a deleted blob
     assert store.read(artifact) == data
 
 
@@ -619,14 +619,14 @@ def test_promote_verifies_the_staged_bytes(store: FileArtifactStore) -> None:
         handle.write(b"B")
     os.utime(staged, ns=(st.st_atime_ns, st.st_mtime_ns))
     with pytest.raises(Conflict):
-        store.promote(upload_id, "m", 1)
+        store.promote(upload_id, "m", 1, hashlib.sha256(b"A" * 1000).hexdigest())
     assert list(store.list_artifacts()) == []
 
 
 def test_corrupted_blob_is_detected_and_healed(tmp_path: Path, store: FileArtifactStore) -> None:
     data = os.urandom(4096)
     upload_id = upload(store, data)
-    artifact = store.promote(upload_id, "m", 1)
+    artifact = store.promote(upload_id, "m", 1, hashlib.sha256(data).hexdigest())
     blob = store.root / "blobs" / "sha256" / artifact.sha256[:2] / artifact.sha256
     os.chmod(blob, 0o644)
     with blob.open("r+b") as handle:
@@ -635,7 +635,7 @@ def test_corrupted_blob_is_detected_and_healed(tmp_path: Path, store: FileArtifa
     with pytest.raises(StorageCorrupted) as info:
         store.read(artifact)
     assert str(tmp_path) not in info.value.detail and "/blobs" not in info.value.detail
-    assert store.promote(upload_id, "m", 1) == artifact  # promoting again replaces the bad copy
+    assert store.promote(upload_id, "m", 1, artifact.sha256) == artifact  # promoting again replaces the bad copy
     assert store.read(artifact) == data
 
 

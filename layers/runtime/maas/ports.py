@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import BinaryIO, Protocol, runtime_checkable
 
@@ -61,8 +62,14 @@ class ArtifactStore(Protocol):
         """A local file holding the staged bytes, for the validator child process."""
         ...
 
-    def promote(self, upload_id: str, model: str, version: int) -> StoredArtifact:
-        """Durably store the staged bytes where versions are served from (idempotent)."""
+    def upload_model(self, upload_id: str) -> str:
+        """The model an upload was reserved for (NotFound if unknown or expired)."""
+        ...
+
+    def promote(self, upload_id: str, model: str, version: int, expected_sha256: str) -> StoredArtifact:
+        """Durably store the staged bytes where versions are served from (idempotent). The bytes
+        stored must hash to ``expected_sha256`` (the ones validated), else Conflict: a re-upload
+        racing with a commit can never slip unvalidated bytes in."""
         ...
 
     def discard_upload(self, upload_id: str) -> None: ...
@@ -76,6 +83,10 @@ class ArtifactStore(Protocol):
     def delete(self, artifact: StoredArtifact) -> None: ...
 
     def list_artifacts(self) -> Iterator[StoredArtifact]: ...
+
+    def modified_at(self, artifact: StoredArtifact) -> datetime:
+        """When the artifact was last written or promoted again (cleanup spares young ones)."""
+        ...
 
     def list_uploads(self) -> Iterator[tuple[str, float]]:
         """(upload_id, age in seconds) of every staged upload, for cleanup."""

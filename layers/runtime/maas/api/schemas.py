@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from maas.domain import Alias, Deployment, HealthThresholds, Model, ModelVersion, Route, Scope, UploadTarget
 
@@ -34,7 +34,7 @@ class SetAlias(Body):
 
 
 class StartDeployment(Body):
-    version: Annotated[int | str, Field(description="Version number or alias", examples=[3, "champion"])]
+    version: Annotated[StrictInt | str, Field(description="Version number or alias", examples=[3, "champion"])]
     strategy: str = Field(default="all_at_once", description="all_at_once (canary and linear: soon)")
     target: str = Field(default="lambda")
     canary_percent: float | None = Field(default=None, gt=0, le=100)

@@ -93,6 +93,7 @@ def build_server(settings: Settings, host: str = "127.0.0.1") -> tuple[Any, Fast
 
     backend = LocalBackend(settings)
     try:
+        backend.claim_server()
         secret, created = backend.ensure_admin_token(os.environ.get("MAAS_ADMIN_TOKEN") or None)
         for interrupted in recover_interrupted_deploys(backend):
             stderr_console().print(f"rolled back deploy of {interrupted.model} v{interrupted.version}: "

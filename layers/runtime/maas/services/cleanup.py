@@ -67,23 +67,30 @@ class CleanupService:
         return True
 
     def _collect_blobs(self, now: datetime) -> list[str]:
-        """Delete blobs no version references. Blobs are listed *before* the registry is read, so a
-        commit racing with this sweep has either its version READY in the listing below or its blob
-        missing from the one above; promote() rewrites a deleted blob, never trusting an old listing."""
-        candidates = list(self._artifacts.list_artifacts())
+        """Delete blobs no version references, once they are older than the TTL.
+
+        The reads are ordered so a commit racing with the sweep is always seen: blobs first, then
+        PENDING versions, then the referenced set. A commit's blob is either fresh (promote() writes
+        or touches it), or its version is still PENDING (and young) in the second read, or already
+        READY in the third."""
+        candidates = []
+        for artifact in self._artifacts.list_artifacts():
+            try:
+                candidates.append((artifact, self._artifacts.modified_at(artifact)))
+            except NotFound:
+                continue  # deleted meanwhile
+        pending = self._registry.list_versions_by_status(VersionStatus.PENDING.value)
+        if any(now - v.created_at < self._ttl for v in pending):
+            return []  # a commit may be between promote() and mark_ready()
         referenced = {
             version.sha256
             for model in iterate(self._registry.list_models)
             for version in all_versions(self._registry, model.name)
             if version.sha256
         }
-        pending = self._registry.list_versions_by_status(VersionStatus.PENDING.value)
-        if any(now - v.created_at < self._ttl for v in pending):
-            # A commit may be between promote() and mark_ready(); its blob is not referenced yet.
-            return []
         removed = []
-        for artifact in candidates:
-            if artifact.sha256 not in referenced:
+        for artifact, modified in candidates:
+            if artifact.sha256 not in referenced and now - modified >= self._ttl:
                 self._artifacts.delete(artifact)
                 removed.append(artifact.sha256)
         return removed

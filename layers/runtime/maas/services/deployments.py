@@ -91,7 +91,9 @@ class DeploymentService:
         check_model_name(name)
         self._registry.get_model(name)
         if to_version is not None:
-            to_version = check_version_number(to_version, field="to_version")
+            # Check the target before touching anything: a refused rollback changes nothing.
+            to_version = self._models.ready_version(
+                name, check_version_number(to_version, field="to_version")).version
         history = list(all_deployments(self._registry, name))
         in_flight = next((d for d in history if d.status is DeploymentStatus.IN_PROGRESS), None)
         if in_flight is not None:
@@ -107,16 +109,19 @@ class DeploymentService:
             return self._redeploy(name, to_version, succeeded[0] if succeeded else None, created_by)
         if not succeeded:
             raise Conflict(f"model {name!r} has no deployment to roll back")
-        current = succeeded[0]
-        previous = next((d for d in succeeded[1:] if d.stable_version != current.stable_version), None)
+        current = succeeded[0].stable_version
+        previous = next((d for d in succeeded if d.stable_version != current), None)
         if previous is None:
             raise Conflict(f"model {name!r} has no earlier stable version to roll back to; "
                            "name the version to roll back to", field="to_version")
-        self._registry.update_deployment(
-            current.with_event("rolled_back", f"rolled back to version {previous.stable_version}",
-                               status=DeploymentStatus.ROLLED_BACK),
-            DeploymentStatus.SUCCEEDED,
-        )
+        # Every SUCCEEDED deploy newer than the previous stable one goes (a repeated deploy of the
+        # current version included), so the route really falls back to it.
+        for deployment in succeeded[: succeeded.index(previous)]:
+            self._registry.update_deployment(
+                deployment.with_event("rolled_back", f"rolled back to version {previous.stable_version}",
+                                      status=DeploymentStatus.ROLLED_BACK),
+                DeploymentStatus.SUCCEEDED,
+            )
         return self._registry.get_deployment(previous.id)
 
     def _redeploy(self, name: str, version: int, current: Deployment | None, created_by: str) -> Deployment:

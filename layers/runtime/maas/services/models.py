@@ -8,8 +8,10 @@ at any point leaves either nothing servable or a PENDING/FAILED record that clea
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from maas.domain import (
     Model,
@@ -27,6 +29,14 @@ from maas.settings import Limits
 
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 TAG_KEY = re.compile(r"[A-Za-z0-9_.:/-]{1,128}")
+
+
+def _sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -123,12 +133,16 @@ class ModelService:
             raise ChecksumMismatch("the uploaded bytes do not match the sha256 given", field="sha256")
         try:
             with self._artifacts.staged_path(upload_id) as path:
+                # Validate exactly the bytes being committed: a re-upload may land at any moment.
+                if _sha256_of(path) != sha256:
+                    raise ChecksumMismatch("the uploaded bytes changed during the commit; retry it",
+                                           field="sha256")
                 signature = self._validator.validate(path)
         except ModelRejected as rejected:
             self._registry.mark_failed(name, version, rejected.detail)
             self._artifacts.discard_upload(upload_id)
             raise
-        stored = self._artifacts.promote(upload_id, name, version)
+        stored = self._artifacts.promote(upload_id, name, version, expected_sha256=sha256)
         try:
             ready = self._registry.mark_ready(name, version, stored, signature)
         except Conflict:

@@ -28,9 +28,9 @@ from maas.protocol.oip import (
 from maas.services.tokens import TokenService
 
 router = APIRouter(tags=["inference"])
-#: Requests up to this many input elements run on the event loop: a thread hop would cost more than
-#: the model. Bigger ones run in the threadpool (onnxruntime releases the GIL) so they never stall
-#: the other connections.
+#: Requests up to this many input elements, for a model already loaded, run on the event loop: a
+#: thread hop would cost more than the model. Bigger ones and first loads (reading, hashing and
+#: building a session) run in the threadpool, so they never stall the other connections.
 INLINE_MAX_ELEMENTS = 16_384
 
 INFER_OPENAPI: dict[str, Any] = {
@@ -126,7 +126,8 @@ async def _infer(request: Request, name: str, ref: str | None) -> Response:
         header_length = int(raw_length)
     body = await request.body()
     decoded = decode_request(body, header_length, services.settings.limits)
-    if sum(array.size for array in decoded.inputs.values()) <= INLINE_MAX_ELEMENTS:
+    if chosen.sha256 in services.engine.cache and \
+            sum(array.size for array in decoded.inputs.values()) <= INLINE_MAX_ELEMENTS:
         outputs = services.engine.infer(chosen, decoded)
     else:
         outputs = await run_in_threadpool(services.engine.infer, chosen, decoded)

@@ -24,6 +24,7 @@ from maas.api.schemas import (
 )
 from maas.domain import DeploymentStatus, Model, ModelVersion, Scope
 from maas.errors import Forbidden
+from maas.services.tokens import TokenService
 
 router = APIRouter(tags=["models"])
 Limit = Annotated[int, Query(ge=1, le=1000, description="Page size")]
@@ -137,11 +138,12 @@ class _StreamReader(io.RawIOBase):
                 "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}})
 async def upload(upload_id: Annotated[str, Path(pattern=r"^[0-9a-f]{32}$")], request: Request,
                  services: ServicesDep) -> StagedUploadInfo:
-    # The upload id is an unguessable reservation made by a deploy-scoped caller for one version; any
-    # deploy-scoped token may fill it (the version's model is checked again at commit).
+    # The path names no model, so the scope check uses the model the upload was reserved for.
     token = services.auth.authenticate(request.headers.get("authorization"))
     if token.revoked or not any(scope.grants(Scope.DEPLOY) for scope in token.scopes):
         raise Forbidden("this token lacks the 'deploy' scope")
+    model = await run_in_threadpool(services.backend.artifacts.upload_model, upload_id)
+    TokenService.require(token, Scope.DEPLOY, model)
     reader = _StreamReader(request.stream().__aiter__())
     staged = await run_in_threadpool(services.backend.artifacts.receive_upload, upload_id,
                                      cast(BinaryIO, reader),

@@ -170,12 +170,19 @@ class FileArtifactStore:
             if linked:
                 _unlink(view)
 
-    def promote(self, upload_id: str, model: str, version: int) -> StoredArtifact:
+    def upload_model(self, upload_id: str) -> str:
+        check_upload_id(upload_id)
+        return str(self._reservation(upload_id)["model"])
+
+    def promote(self, upload_id: str, model: str, version: int, expected_sha256: str) -> StoredArtifact:
         check_upload_id(upload_id)
         staged = self.inspect_upload(upload_id)
+        if staged.sha256 != expected_sha256:
+            raise Conflict(f"upload {upload_id!r} changed while it was being committed; retry the commit")
         final = self._blob_path(staged.sha256)
         artifact = StoredArtifact(sha256=staged.sha256, size=staged.size, key=f"sha256/{staged.sha256}")
         if final.exists() and _hash_file(final) == (staged.sha256, staged.size):
+            os.utime(final)  # fresh again: cleanup spares blobs a commit just (re)used
             return artifact  # already stored (a retry, or the same bytes under another version)
         created = not final.parent.exists()
         final.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -193,7 +200,7 @@ class FileArtifactStore:
                     out.write(chunk)
                 out.flush()
                 os.fsync(out.fileno())
-            if (digest.hexdigest(), size) != (staged.sha256, staged.size):
+            if (digest.hexdigest(), size) != (expected_sha256, staged.size):
                 raise Conflict(f"upload {upload_id!r} changed while it was being committed; retry the commit")
             os.chmod(tmp, 0o444)
             os.replace(tmp, final)
@@ -291,6 +298,12 @@ class FileArtifactStore:
                     continue
                 if stat.S_ISREG(st.st_mode):
                     yield StoredArtifact(sha256=entry.name, size=st.st_size, key=f"sha256/{entry.name}")
+
+    def modified_at(self, artifact: StoredArtifact) -> datetime:
+        try:
+            return datetime.fromtimestamp(self._artifact_path(artifact).stat().st_mtime, UTC)
+        except FileNotFoundError:
+            raise NotFound(f"artifact sha256:{artifact.sha256[:12]} is missing from storage") from None
 
     # --- helpers ---------------------------------------------------------------------------------
     def _blob_path(self, sha256: str) -> Path:

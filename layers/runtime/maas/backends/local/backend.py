@@ -4,6 +4,7 @@
     <home>/artifacts/      uploads and content-addressed blobs
     <home>/admin-token     the generated admin token (mode 0600), when MAAS_ADMIN_TOKEN is not set
     <home>/.lock           serializes start-up work between processes sharing the home
+    <home>/server.lock     held by the one server (`maas serve` / `maas demo`) using the home
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from maas.settings import Settings
 
 ADMIN_TOKEN_FILE = "admin-token"
 LOCK_FILE = ".lock"
+SERVER_LOCK_FILE = "server.lock"
 ENV_ADMIN_TOKEN_NAME = "admin-env"  # "admin (env)" is not a valid token name (maas.domain.names)
 
 
@@ -48,6 +50,24 @@ class LocalBackend:
 
             validator = SubprocessValidator(settings.limits)
         self.validator: Validator = validator
+        self._server_lock: int | None = None
+
+    def claim_server(self) -> None:
+        """Make this process the home's one server, until ``close()``.
+
+        The server runs deploys and housekeeping (it rolls back deploys a crash left IN_PROGRESS),
+        which is only safe when no other server is driving the same deployments. CLI commands and
+        other clients may still use the home concurrently."""
+        if self._server_lock is not None:
+            return
+        fd = os.open(self.home / SERVER_LOCK_FILE, os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise Conflict(f"another maas server is already using {self.home}; stop it, or pass another "
+                           "--home") from None
+        self._server_lock = fd
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
@@ -110,6 +130,9 @@ class LocalBackend:
 
     def close(self) -> None:
         self._sqlite.close()
+        if self._server_lock is not None:
+            os.close(self._server_lock)  # releases the server lock
+            self._server_lock = None
 
     def __enter__(self) -> LocalBackend:
         return self

@@ -15,6 +15,7 @@ import json
 import os
 import sqlite3
 import threading
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
@@ -130,6 +131,8 @@ def _decode_cursor(cursor: str, kind: str, expected: type) -> Any:
     if (not isinstance(decoded, list) or len(decoded) != 2 or decoded[0] != kind
             or isinstance(decoded[1], bool) or not isinstance(decoded[1], expected)):
         raise invalid
+    if isinstance(decoded[1], int) and not 0 <= decoded[1] < 2**62:  # SQLite integers are 64-bit
+        raise invalid
     return decoded[1]
 
 
@@ -170,6 +173,24 @@ def _missing_model(model: str) -> NotFound:
     return NotFound(f"model {model!r} not found")
 
 
+class _Handle:
+    """Holds a thread's connection; when the thread ends its thread-local drops the handle and the
+    finalizer closes the connection, so short-lived worker threads never leak descriptors."""
+
+    __slots__ = ("__weakref__", "conn")
+
+    def __init__(self, conn: sqlite3.Connection):
+        self.conn = conn
+
+
+def _close_if_owner(conn: sqlite3.Connection, pid: int) -> None:
+    if os.getpid() == pid:
+        with suppress(sqlite3.Error):
+            conn.close()
+    else:
+        _INHERITED.append(conn)  # inherited through a fork: closing could release the parent's locks
+
+
 class SqliteRegistry:
     """``maas.ports.Registry`` in one SQLite file, safe across threads and processes."""
 
@@ -177,7 +198,7 @@ class SqliteRegistry:
         self.path = Path(path)
         self._page_size_max = max(1, page_size_max)
         self._local = threading.local()
-        self._connections: list[tuple[int, sqlite3.Connection]] = []
+        self._finalizers: list[weakref.finalize[Any, Any]] = []
         self._lock = threading.Lock()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with suppress(FileExistsError):
@@ -193,17 +214,19 @@ class SqliteRegistry:
         conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
         conn.execute("PRAGMA foreign_keys = ON")
         conn.execute("PRAGMA synchronous = FULL")
-        with self._lock:
-            self._connections.append((os.getpid(), conn))
         return conn
 
     def _conn(self) -> sqlite3.Connection:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None or getattr(self._local, "pid", None) != os.getpid():
-            conn = self._connect()
-            self._local.conn = conn
+        handle: _Handle | None = getattr(self._local, "handle", None)
+        if handle is None or getattr(self._local, "pid", None) != os.getpid():
+            handle = _Handle(self._connect())
+            finalizer = weakref.finalize(handle, _close_if_owner, handle.conn, os.getpid())
+            with self._lock:
+                self._finalizers = [f for f in self._finalizers if f.alive]
+                self._finalizers.append(finalizer)
+            self._local.handle = handle
             self._local.pid = os.getpid()
-        return conn
+        return handle.conn
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
@@ -251,13 +274,9 @@ class SqliteRegistry:
         """Close this process's connections (those inherited through a fork are only dropped:
         closing them could release the parent's locks)."""
         with self._lock:
-            connections, self._connections = self._connections, []
-        for pid, conn in connections:
-            if pid == os.getpid():
-                with suppress(sqlite3.Error):
-                    conn.close()
-            else:
-                _INHERITED.append(conn)  # never closed nor garbage-collected in this process
+            finalizers, self._finalizers = self._finalizers, []
+        for finalizer in finalizers:
+            finalizer()
         self._local = threading.local()
 
     def integrity_check(self) -> str:
