@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import threading
 
+from maas.backends.local.artifacts import FileArtifactStore
 from maas.backends.local.backend import LocalBackend
 from maas.domain import Deployment
 from maas.services.cleanup import CleanupReport, CleanupService
@@ -24,7 +25,11 @@ def recover_interrupted_deploys(backend: LocalBackend) -> list[Deployment]:
 
 
 def clean(backend: LocalBackend) -> CleanupReport:
-    return CleanupService(backend.registry, backend.artifacts, backend.settings.limits).run()
+    report = CleanupService(backend.registry, backend.artifacts, backend.settings.limits).run()
+    if isinstance(backend.artifacts, FileArtifactStore):
+        # Temp files of writers that crashed; anything younger may belong to a live upload or commit.
+        backend.artifacts.remove_stale_temp_files(backend.settings.limits.upload_ttl_s)
+    return report
 
 
 class Maintenance:
