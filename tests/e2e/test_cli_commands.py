@@ -89,3 +89,19 @@ def test_errors_are_one_line(run) -> None:  # type: ignore[no-untyped-def]
     rejected = run("models", "push", "cli-bad", str(Path(__file__)), code=1)
     assert "422" in rejected and rejected.strip().count("\n") == 0
     assert json.loads(run("--json", "versions", "cli-bad"))[0]["status"] == "FAILED"
+
+
+def test_server_text_is_never_read_as_markup(run) -> None:  # type: ignore[no-untyped-def]
+    run("models", "create", "cli-markup", "--description", "[/] [bold]not bold[/bold]")
+    listed = run("models", "list")
+    assert "[/]" in listed and "[bold]not bold[/bold]" in listed
+    assert "[/]" in run("models", "show", "cli-markup")
+
+
+def test_bad_inputs_and_urls_are_one_line_errors(run) -> None:  # type: ignore[no-untyped-def]
+    run("models", "push", "cli-iris", str(example_model_path()))
+    run("deploy", "cli-iris", "1")
+    shaped = run("predict", "cli-iris", "--data", '{"features": {"a": 1}}', code=2)
+    assert "Traceback" not in shaped
+    bad_url = run("--url", "http://[::1", "models", "list", code=1)
+    assert bad_url.strip().count("\n") == 0 and "Traceback" not in bad_url

@@ -418,3 +418,14 @@ def test_client_sends_json_and_paginates() -> None:
     assert seen[0].url.params["limit"] == "1"
     assert seen[-1].url.params["force"] == "true"
     assert seen[-1].method == "DELETE"
+
+
+def test_admin_token_from_the_environment_is_a_fallback(monkeypatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from maas.client.client import resolve_token
+
+    monkeypatch.delenv("MAAS_TOKEN", raising=False)
+    monkeypatch.setenv("MAAS_ADMIN_TOKEN", "maas_from_admin_env")
+    assert resolve_token(None, tmp_path) == "maas_from_admin_env"
+    monkeypatch.setenv("MAAS_TOKEN", "maas_from_token_env")
+    assert resolve_token(None, tmp_path) == "maas_from_token_env"
+    assert resolve_token("explicit", tmp_path) == "explicit"

@@ -502,3 +502,18 @@ def test_decoded_request_defaults() -> None:
     assert request.requested_outputs is None
     assert request.binary_outputs == set()
     assert request.response_binary() is False
+
+
+def test_huge_dimension_of_an_empty_tensor_is_invalid_input() -> None:
+    body = orjson.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [0, 2**62, 4], "data": []}]})
+    with pytest.raises(InvalidInput) as raised:
+        decode_request(body, None, LIMITS)
+    assert raised.value.field == "inputs[0].shape"
+
+
+def test_bytes_count_is_checked_before_allocating() -> None:
+    header = orjson.dumps({"inputs": [{"name": "s", "datatype": "BYTES", "shape": [4_194_304],
+                                       "parameters": {"binary_data_size": 0}}]})
+    with pytest.raises(InvalidInput) as raised:
+        decode_request(header, len(header), LIMITS)
+    assert "cannot hold" in raised.value.detail

@@ -547,3 +547,25 @@ def test_custom_session_options_factory() -> None:
     session = engine.session(version_of(IRIS_BYTES, IRIS_SIGNATURE))
     assert len(made) == 1
     assert session.get_providers() == ["CPUExecutionProvider"]
+
+
+def test_shared_symbolic_dimensions_must_agree_before_running() -> None:
+    data = build_model(
+        [helper.make_node("Add", ["a", "b"], ["y"])],
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["N"]),
+         helper.make_tensor_value_info("b", TensorProto.FLOAT, ["N"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N"])],
+    )
+    signature = Signature(
+        inputs=(TensorSpec(name="a", datatype="FP32", shape=(-1,)), TensorSpec(name="b", datatype="FP32", shape=(-1,))),
+        outputs=(TensorSpec(name="y", datatype="FP32", shape=(-1,)),),
+    )
+    metrics = RecordingMetrics()
+    engine, _ = engine_for(data, metrics=metrics)
+    version = version_of(data, signature)
+    ok = engine.infer(version, request_of({"a": np.ones(3, np.float32), "b": np.ones(3, np.float32)}))
+    np.testing.assert_array_equal(ok[0][1], np.full(3, 2.0, np.float32))
+    with pytest.raises(InvalidInput) as raised:
+        engine.infer(version, request_of({"a": np.ones(2, np.float32), "b": np.ones(3, np.float32)}))
+    assert "'N'" in raised.value.detail and "a[0]=2" in raised.value.detail
+    assert [error for *_, error in metrics.invocations] == [False, False]  # a client error, not the model's

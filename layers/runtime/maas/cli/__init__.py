@@ -10,12 +10,14 @@ class CliError(Exception):
 
 
 def stdout_console() -> Console:
-    # Built per use so output follows the current sys.stdout (CliRunner swaps it in tests).
-    return Console(highlight=False)
+    # Built per use so output follows the current sys.stdout (CliRunner swaps it in tests). Markup
+    # is off: names, descriptions and reasons come from the server and may hold "[...]" text; the
+    # few styled strings are built as rich ``Text``.
+    return Console(highlight=False, markup=False)
 
 
 def stderr_console() -> Console:
-    return Console(stderr=True, highlight=False)
+    return Console(stderr=True, highlight=False, markup=False)
 
 
 __all__ = ["CliError", "stderr_console", "stdout_console"]

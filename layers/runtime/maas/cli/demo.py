@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 from rich.table import Table
+from rich.text import Text
 
 from maas.cli import CliError, stdout_console
 from maas.cli.serve import (
@@ -61,7 +62,8 @@ def demo(
             url = base_url(host, port)
             if secret and created:
                 show_admin_token(secret, settings.home)
-            out.print(f"maas demo server at [bold]{url}[/bold] (home {settings.home})", soft_wrap=True)
+            out.print(Text.assemble("maas demo server at ", (url, "bold"), f" (home {settings.home})"),
+                      soft_wrap=True)
             with Client(url, token) as client:
                 version = _ensure_example_version(client)
                 _ensure_deployed(client, version)

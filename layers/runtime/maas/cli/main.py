@@ -23,6 +23,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 from rich.table import Table
+from rich.text import Text
 from typer.core import TyperGroup
 
 from maas import __version__
@@ -204,6 +205,8 @@ def parse_data(value: str) -> Any:
         else:
             try:
                 text = Path(source).expanduser().read_text(encoding="utf-8")
+            except UnicodeDecodeError:
+                raise typer.BadParameter(f"{source!r} is not UTF-8 text", param_hint="--data") from None
             except OSError as exc:
                 raise typer.BadParameter(
                     f"cannot read {source!r}: {exc.strerror or exc}", param_hint="--data"
@@ -243,7 +246,8 @@ def serve(
 
     On first start it creates an admin token, prints it once and saves it for the CLI.
 
-    The token file is <home>/admin-token (mode 0600); set MAAS_ADMIN_TOKEN to choose the token.
+    The token file is <home>/admin-token (mode 0600); set MAAS_ADMIN_TOKEN to choose the token instead
+    (no file is written then; the CLI and SDK read MAAS_ADMIN_TOKEN when MAAS_TOKEN is unset).
 
     Example: maas serve --port 8080 --home ~/.maas
     """
@@ -591,7 +595,7 @@ def status(ctx: typer.Context, name: Annotated[str, typer.Argument(help="Model n
     state = _state(ctx)
     with state.client() as client:
         info = client.status(name)
-        recent = client.list_deployments(name, limit=10)[:10]
+        recent = client.list_deployments(name, limit=10)
     if state.json:
         _print_json(info | {"deployments": recent})
         return
@@ -665,8 +669,9 @@ def predict(
     with _state(ctx).client() as client:
         try:
             answer = client.predict(name, payload, version=None if version is None else _version_arg(version))
-        except ValueError as exc:
-            raise typer.BadParameter(str(exc), param_hint="--data") from None
+        except (ValueError, TypeError, OverflowError) as exc:
+            # The shorthand could not become tensors (ragged lists, objects, out-of-range numbers).
+            raise typer.BadParameter(f"cannot turn the data into tensors: {exc}", param_hint="--data") from None
     _print_json(answer)
 
 
@@ -695,10 +700,10 @@ def tokens_create(
         _print_json(created)
         return
     restriction = f", model {created.get('model')}" if created.get("model") else ""
-    text = (
-        f"[bold]{created.get('token')}[/bold]\n\n"
-        f"id {created.get('id')}, scopes {', '.join(created.get('scopes') or [])}{restriction}\n"
-        "[yellow]Copy it now: it will not be shown again.[/yellow]"
+    text = Text.assemble(
+        (str(created.get("token")), "bold"),
+        f"\n\nid {created.get('id')}, scopes {', '.join(created.get('scopes') or [])}{restriction}\n",
+        ("Copy it now: it will not be shown again.", "yellow"),
     )
     stdout_console().print(Panel(text, title=f"token {created.get('name', name)}", expand=False))
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rich.panel import Panel
+from rich.text import Text
 
 from maas.cli import CliError, stderr_console, stdout_console
 from maas.settings import Settings
@@ -108,10 +109,10 @@ def build_server(settings: Settings, host: str = "127.0.0.1") -> tuple[Any, Fast
 
 
 def show_admin_token(secret: str, home: Path) -> None:
-    text = (
-        f"[bold]{secret}[/bold]\n\n"
-        f"saved to {home / ADMIN_TOKEN_FILE} (mode 0600) for the CLI; it is shown only this once.\n"
-        'Use it as "Authorization: Bearer <token>", or create narrower ones with `maas tokens create`.'
+    text = Text.assemble(
+        (secret, "bold"),
+        f"\n\nsaved to {home / ADMIN_TOKEN_FILE} (mode 0600) for the CLI; it is shown only this once.\n"
+        'Use it as "Authorization: Bearer <token>", or create narrower ones with `maas tokens create`.',
     )
     stdout_console().print(Panel(text, title="admin token created", border_style="green", expand=False))
 
@@ -151,7 +152,7 @@ def serve(host: str = "127.0.0.1", port: int = 8080, home: Path | None = None) -
             show_admin_token(secret, settings.home)
         url = base_url(host, port)
         out = stdout_console()
-        out.print(f"maas is serving {settings.home} at [bold]{url}[/bold]", soft_wrap=True)
+        out.print(Text.assemble(f"maas is serving {settings.home} at ", (url, "bold")), soft_wrap=True)
         out.print(f"API docs: {url}/docs    stop with Ctrl-C", soft_wrap=True)
         server = make_server(app, host, port, "info")
         from maas.backends.local.maintenance import Maintenance

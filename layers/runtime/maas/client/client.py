@@ -96,10 +96,11 @@ def resolve_url(url: str | None = None) -> str:
 
 
 def resolve_token(token: str | None = None, home: str | Path | None = None) -> str | None:
-    """The explicit token, else ``MAAS_TOKEN``, else the local server's ``<home>/admin-token`` file."""
+    """The explicit token, else ``MAAS_TOKEN``, else ``MAAS_ADMIN_TOKEN`` (what a scripted local
+    server was started with), else the local server's ``<home>/admin-token`` file."""
     if token:
         return token
-    env = os.environ.get("MAAS_TOKEN")
+    env = os.environ.get("MAAS_TOKEN") or os.environ.get("MAAS_ADMIN_TOKEN")
     if env:
         return env
     path = (Path(home).expanduser() if home is not None else default_home()) / ADMIN_TOKEN_FILE
@@ -218,7 +219,10 @@ class Client:
         self.timeout = timeout
         self._transport = transport
         self._owns_http = http_client is None
-        self._http = http_client or httpx.Client(base_url=self.url, timeout=timeout, transport=transport)
+        try:
+            self._http = http_client or httpx.Client(base_url=self.url, timeout=timeout, transport=transport)
+        except (httpx.InvalidURL, ValueError) as exc:
+            raise MaasClientError(0, "Invalid URL", f"{self.url}: {exc}") from None
         self._foreign: httpx.Client | None = None
 
     # -- plumbing ---------------------------------------------------------------------------------
@@ -261,6 +265,8 @@ class Client:
             ) from None
         except httpx.TransportError as exc:
             raise MaasClientError(0, "Connection error", f"{type(exc).__name__}: {exc}") from None
+        except (httpx.InvalidURL, httpx.UnsupportedProtocol) as exc:
+            raise MaasClientError(0, "Invalid URL", f"{url}: {exc}") from None
         if response.is_error:
             raise MaasClientError.from_response(response)
         return response
@@ -455,8 +461,12 @@ class Client:
         return result
 
     def list_deployments(self, name: str, *, limit: int | None = None) -> list[dict[str, Any]]:
-        """Every deployment of a model, newest first."""
-        return self._paged(f"{self._model_path(name)}/deployments", limit)
+        """Every deployment of a model, newest first (only the newest ``limit`` when given)."""
+        path = f"{self._model_path(name)}/deployments"
+        if limit is not None:
+            page: dict[str, Any] = self._request("GET", path, params={"limit": limit})
+            return list(page.get("items", []))
+        return self._paged(path)
 
     def get_deployment(self, deployment_id: str) -> dict[str, Any]:
         result: dict[str, Any] = self._request("GET", f"/deployments/{_segment(deployment_id)}")

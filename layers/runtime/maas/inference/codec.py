@@ -13,7 +13,8 @@ JSON conversion rules (per declared datatype):
 * ``FP16/FP32/FP64``: numbers, converted in one C pass by ``numpy.asarray(data, dtype=...)``; ``null``
   reads as NaN (responses write NaN and infinities as ``null``, JSON having no such literals).
   Numpy's leniency is kept: booleans read as 0/1 and numeric strings as their value.
-* integer types: JSON integers within the datatype's range; fractional numbers and booleans are rejected.
+* integer types: JSON integers within the datatype's range; fractional numbers and all-boolean data are
+  rejected (a boolean among integers reads as 0/1, as numpy coerces it).
 * ``BOOL``: JSON ``true``/``false`` only.
 * ``BYTES``: JSON strings, stored as UTF-8 ``bytes`` (numpy object arrays, as in
   :data:`maas.protocol.oip.DATATYPE_TO_NUMPY`).
@@ -269,7 +270,8 @@ def _element_count(shape: Any, name: str, i: int, max_elements: int) -> int:
         )
     count = 1
     for dim in shape:
-        if type(dim) is not int or dim < 0:
+        # Each dimension is capped too: [0, 2**62] has no elements but cannot be reshaped to.
+        if type(dim) is not int or dim < 0 or dim > max_elements:
             raise InvalidInput(
                 f"input {name!r}: shape must contain non-negative integers, got {shape}",
                 field=f"inputs[{i}].shape",
@@ -307,10 +309,14 @@ def _from_binary(
 
 
 def _bytes_from_binary(chunk: memoryview, count: int, name: str, i: int) -> np.ndarray:
-    out = np.empty(count, dtype=object)
     pos = 0
     end = len(chunk)
     field_name = f"inputs[{i}].parameters.binary_data_size"
+    if 4 * count > end:  # every element carries a 4-byte length: check before allocating
+        raise InvalidInput(
+            f"input {name!r}: {end} bytes cannot hold {count} BYTES elements", field=field_name
+        )
+    out = np.empty(count, dtype=object)
     for k in range(count):
         if pos + 4 > end:
             raise InvalidInput(
@@ -368,7 +374,9 @@ def _from_json(data: Any, datatype: str, count: int, name: str, i: int) -> np.nd
 
 
 def _json_int(data: list[Any], datatype: str, name: str, where: str) -> np.ndarray:
-    # Infer first so fractional numbers and booleans are rejected rather than silently truncated.
+    # Infer first so fractional numbers and all-boolean data are rejected rather than truncated
+    # (a boolean mixed among integers follows numpy's coercion to 0/1: checking each element would
+    # cost the hot path more than the leniency costs the client).
     array = np.asarray(data)
     kind = array.dtype.kind
     if kind not in "iu" and datatype == "UINT64":

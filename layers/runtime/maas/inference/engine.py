@@ -243,6 +243,19 @@ class _Checks:
     input_names: frozenset[str]
     outputs: list[str]
     output_names: frozenset[str]
+    #: symbolic dimensions used in more than one place: (name, ((input, axis), ...)); they must agree
+    shared_dims: tuple[tuple[str, tuple[tuple[str, int], ...]], ...] = ()
+
+
+def _shared_dims(session: ort.InferenceSession) -> tuple[tuple[str, tuple[tuple[str, int], ...]], ...]:
+    """Named dynamic dimensions (``batch``, ``N``) that several inputs or axes share: onnxruntime
+    would fail on a mismatch, which is the client's error, so it is checked before running."""
+    uses: dict[str, list[tuple[str, int]]] = {}
+    for arg in session.get_inputs():
+        for axis, dim in enumerate(arg.shape or ()):
+            if isinstance(dim, str) and dim:
+                uses.setdefault(dim, []).append((arg.name, axis))
+    return tuple((dim, tuple(places)) for dim, places in uses.items() if len(places) > 1)
 
 
 def _spec_check(spec: TensorSpec) -> _InputCheck:
@@ -268,13 +281,14 @@ def _session_signature(session: ort.InferenceSession) -> Signature:
     )
 
 
-def _build_checks(signature: Signature) -> _Checks:
+def _build_checks(signature: Signature, session: ort.InferenceSession) -> _Checks:
     outputs = [spec.name for spec in signature.outputs]
     return _Checks(
         inputs=tuple(_spec_check(spec) for spec in signature.inputs),
         input_names=frozenset(spec.name for spec in signature.inputs),
         outputs=outputs,
         output_names=frozenset(outputs),
+        shared_dims=_shared_dims(session),
     )
 
 
@@ -405,7 +419,7 @@ class InferenceEngine:
         checks = loaded.checks.get(key)
         if checks is None:
             signature = version.signature or _session_signature(loaded.session)
-            checks = loaded.checks.setdefault(key, _build_checks(signature))
+            checks = loaded.checks.setdefault(key, _build_checks(signature, loaded.session))
         return checks
 
     # -- inference
@@ -480,6 +494,12 @@ class InferenceEngine:
             if check.strings:
                 array = _to_strings(array, name, _field(request, name, ".data"))
             feeds[name] = array
+        for dim, places in checks.shared_dims:
+            sizes = {(name, axis): feeds[name].shape[axis] for name, axis in places if name in feeds}
+            if len(set(sizes.values())) > 1:
+                detail = ", ".join(f"{name}[{axis}]={size}" for (name, axis), size in sizes.items())
+                raise InvalidInput(f"dimension {dim!r} must be the same size everywhere: got {detail}",
+                                   field="inputs")
         if len(inputs) != len(feeds):
             for index, name in enumerate(inputs):
                 if name not in checks.input_names:
