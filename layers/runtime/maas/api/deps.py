@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Path, Request
@@ -21,7 +21,7 @@ from maas.services.aliases import AliasService
 from maas.services.deployments import DeploymentService
 from maas.services.models import ModelService
 from maas.services.serving import ServingResolver
-from maas.services.tokens import TokenService, hash_token
+from maas.services.tokens import TokenService
 from maas.settings import Settings
 
 
@@ -54,12 +54,6 @@ class TokenCache:
             for key in [k for k, (_, t) in self._cache.items() if t.id == token.id]:
                 self._cache.pop(key, None)
 
-    def forget_secret(self, secret: str) -> None:
-        digest = hash_token(secret)
-        with self._lock:
-            for key in [k for k, (_, t) in self._cache.items() if t.token_hash == digest]:
-                self._cache.pop(key, None)
-
 
 @dataclass
 class Services:
@@ -73,7 +67,6 @@ class Services:
     resolver: ServingResolver
     engine: InferenceEngine
     metrics: PrometheusMetrics
-    extras: dict[str, object] = field(default_factory=dict)
 
 
 def get_services(request: Request) -> Services:

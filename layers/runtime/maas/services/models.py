@@ -8,10 +8,8 @@ at any point leaves either nothing servable or a PENDING/FAILED record that clea
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 from maas.domain import (
     Model,
@@ -25,18 +23,11 @@ from maas.domain import (
 )
 from maas.errors import ChecksumMismatch, Conflict, InvalidInput, ModelRejected, NotFound, NotReady
 from maas.ports import ArtifactStore, Registry, Validator
+from maas.services.digests import sha256_file
 from maas.settings import Limits
 
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 TAG_KEY = re.compile(r"[A-Za-z0-9_.:/-]{1,128}")
-
-
-def _sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -134,7 +125,7 @@ class ModelService:
         try:
             with self._artifacts.staged_path(upload_id) as path:
                 # Validate exactly the bytes being committed: a re-upload may land at any moment.
-                if _sha256_of(path) != sha256:
+                if sha256_file(path)[0] != sha256:
                     raise ChecksumMismatch("the uploaded bytes changed during the commit; retry it",
                                            field="sha256")
                 signature = self._validator.validate(path)

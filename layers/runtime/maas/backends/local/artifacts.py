@@ -32,6 +32,7 @@ from typing import Any, BinaryIO
 from maas.domain import UploadTarget
 from maas.errors import Conflict, InvalidInput, NotFound, PayloadTooLarge, StorageCorrupted
 from maas.ports import StagedUpload, StoredArtifact
+from maas.services.digests import sha256_file
 from maas.settings import Limits
 
 CHUNK = 1024 * 1024
@@ -54,16 +55,6 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _hash_file(path: Path) -> tuple[str, int]:
-    digest = hashlib.sha256()
-    size = 0
-    with path.open("rb") as handle:
-        while chunk := handle.read(CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
-    return digest.hexdigest(), size
 
 
 def _unlink(path: Path) -> None:
@@ -181,7 +172,7 @@ class FileArtifactStore:
             raise Conflict(f"upload {upload_id!r} changed while it was being committed; retry the commit")
         final = self._blob_path(staged.sha256)
         artifact = StoredArtifact(sha256=staged.sha256, size=staged.size, key=f"sha256/{staged.sha256}")
-        if final.exists() and _hash_file(final) == (staged.sha256, staged.size):
+        if final.exists() and sha256_file(final) == (staged.sha256, staged.size):
             os.utime(final)  # fresh again: cleanup spares blobs a commit just (re)used
             return artifact  # already stored (a retry, or the same bytes under another version)
         created = not final.parent.exists()
