@@ -68,3 +68,45 @@ def push(client: TestClient, name: str, data: bytes, *, create: bool = True) -> 
     version = target["version"]["version"]
     return client.post(f"/models/{name}/versions/{version}/commit",
                        json={"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}).json()
+
+
+# --- AWS under moto ---------------------------------------------------------------------------------
+TEST_BUCKET = "maas-test-models"
+TEST_TABLE = "maas-test-registry"
+
+
+@pytest.fixture
+def aws_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fake credentials and a region: nothing can reach real AWS from a test."""
+    for variable, value in {
+        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_SESSION_TOKEN": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1",
+    }.items():
+        monkeypatch.setenv(variable, value)
+    for variable in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/dev/null")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+
+
+@pytest.fixture
+def moto(aws_credentials: None) -> Iterator[None]:
+    """moto's in-process AWS with the bucket (versioned) and the table the stack creates."""
+    import boto3
+    from moto import mock_aws
+
+    from maas.backends.aws.table import create_table
+
+    with mock_aws():
+        s3 = boto3.client("s3")
+        s3.create_bucket(Bucket=TEST_BUCKET)
+        s3.put_bucket_versioning(Bucket=TEST_BUCKET, VersioningConfiguration={"Status": "Enabled"})
+        create_table(boto3.client("dynamodb"), TEST_TABLE)
+        yield
+
+
+@pytest.fixture
+def aws_backend(moto: None, settings: Settings) -> Any:
+    from maas.backends.aws import AwsBackend
+
+    return AwsBackend(settings, bucket=TEST_BUCKET, table=TEST_TABLE)

@@ -20,6 +20,7 @@ from maas.domain import (
     Route,
     Signature,
     Token,
+    UploadPlan,
     UploadTarget,
 )
 
@@ -45,9 +46,11 @@ class StagedUpload:
 
 @runtime_checkable
 class ArtifactStore(Protocol):
-    def create_upload(self, model: str, version: int = 0) -> UploadTarget:
+    def create_upload(self, model: str, version: int = 0, plan: UploadPlan | None = None) -> UploadTarget:
         """Reserve a place for the client to upload to; expires after the upload TTL. The version is
-        not known yet when the upload is reserved (0): the registry records the upload id instead."""
+        not known yet when the upload is reserved (0): the registry records the upload id instead.
+        ``plan`` (checked by the service) lets storage enforce checksums while the bytes arrive; a
+        store that needs it (S3) raises InvalidInput naming the missing field."""
         ...
 
     def receive_upload(self, upload_id: str, body: BinaryIO, max_bytes: int) -> StagedUpload:

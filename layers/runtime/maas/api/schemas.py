@@ -22,6 +22,13 @@ class CreateModel(Body):
 
 class CreateVersion(Body):
     description: str = Field(default="", max_length=4096)
+    size: int | None = Field(default=None, gt=0, description="Size of the bytes to upload (required on AWS)")
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$",
+                               description="sha256 of the bytes to upload, hex (required on AWS)")
+    part_size: int | None = Field(default=None, gt=0,
+                                  description="Multipart upload: bytes per part (5 MiB to 5 GiB)")
+    part_sha256: list[str] = Field(default_factory=list, max_length=10_000,
+                                   description="Multipart upload: sha256 of each part, hex, in order")
 
 
 class CommitVersion(Body):

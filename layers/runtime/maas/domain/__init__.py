@@ -15,6 +15,8 @@ from maas.domain.models import (
     Strategy,
     TensorSpec,
     Token,
+    UploadPart,
+    UploadPlan,
     UploadTarget,
     VersionStatus,
 )
@@ -40,6 +42,8 @@ __all__ = [
     "Strategy",
     "TensorSpec",
     "Token",
+    "UploadPart",
+    "UploadPlan",
     "UploadTarget",
     "VersionStatus",
     "check_alias_name",

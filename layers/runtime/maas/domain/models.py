@@ -188,13 +188,38 @@ class Token(Frozen):
         return any(scope.grants(needed) for scope in self.scopes)
 
 
+class UploadPart(Frozen):
+    """One part of a multipart upload: bytes ``[(number - 1) * part_size, number * part_size)``."""
+
+    number: int
+    url: str
+    headers: dict[str, str] = Field(default_factory=dict)
+
+
+class UploadPlan(Frozen):
+    """What the client says about the bytes before sending them, so storage can enforce it: S3 checks
+    the sha256 of a single PUT, or of each part of a multipart upload, as the bytes arrive."""
+
+    size: int | None = None
+    sha256: str | None = None
+    part_size: int | None = None
+    part_sha256: tuple[str, ...] = ()
+
+    @property
+    def multipart(self) -> bool:
+        return bool(self.part_sha256)
+
+
 class UploadTarget(Frozen):
-    """Where a client sends a version's bytes: a URL on the server (local) or a presigned URL (S3)."""
+    """Where a client sends a version's bytes: a URL on the server (local), a presigned URL (S3), or
+    one presigned URL per part (S3 multipart; ``url`` is then None). The commit call finishes it."""
 
     upload_id: str
-    url: str
+    url: str | None
     method: str = "PUT"
     headers: dict[str, str] = Field(default_factory=dict)
+    parts: tuple[UploadPart, ...] = ()
+    part_size: int | None = None
     expires_at: datetime
 
 

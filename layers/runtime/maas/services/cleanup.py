@@ -67,7 +67,7 @@ class CleanupService:
         return True
 
     def _collect_blobs(self, now: datetime) -> list[str]:
-        """Delete blobs no version references, once they are older than the TTL.
+        """Delete stored artifacts (by storage key) no version references, once they are older than the TTL.
 
         The reads are ordered so a commit racing with the sweep is always seen: blobs first, then
         PENDING versions, then the referenced set. A commit's blob is either fresh (promote() writes
@@ -83,14 +83,14 @@ class CleanupService:
         if any(now - v.created_at < self._ttl for v in pending):
             return []  # a commit may be between promote() and mark_ready()
         referenced = {
-            version.sha256
+            version.storage_key
             for model in iterate(self._registry.list_models)
             for version in all_versions(self._registry, model.name)
-            if version.sha256
+            if version.storage_key
         }
         removed = []
         for artifact, modified in candidates:
-            if artifact.sha256 not in referenced and now - modified >= self._ttl:
+            if artifact.key not in referenced and now - modified >= self._ttl:
                 self._artifacts.delete(artifact)
-                removed.append(artifact.sha256)
+                removed.append(artifact.sha256 or artifact.key)
         return removed

@@ -15,6 +15,7 @@ from maas.domain import (
     Model,
     ModelVersion,
     Page,
+    UploadPlan,
     UploadTarget,
     VersionStatus,
     check_alias_name,
@@ -28,6 +29,10 @@ from maas.settings import Limits
 
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 TAG_KEY = re.compile(r"[A-Za-z0-9_.:/-]{1,128}")
+# S3's multipart rules: parts of 5 MiB to 5 GiB (the last may be smaller), at most 10,000 of them.
+MIN_PART_BYTES = 5 * 1024 * 1024
+MAX_PART_BYTES = 5 * 1024 * 1024 * 1024
+MAX_PARTS = 10_000
 
 
 @dataclass(frozen=True)
@@ -78,12 +83,14 @@ class ModelService:
         self._registry.delete_model(name)
 
     # --- versions -----------------------------------------------------------------------------
-    def begin_version(self, name: str, *, created_by: str = "", description: str = "") -> PendingVersion:
+    def begin_version(self, name: str, *, created_by: str = "", description: str = "",
+                      plan: UploadPlan | None = None) -> PendingVersion:
         check_model_name(name)
         if len(description) > 4096:
             raise InvalidInput("description must be at most 4096 characters", field="description")
+        plan = self._check_plan(plan or UploadPlan())
         self._registry.get_model(name)
-        upload = self._artifacts.create_upload(name)
+        upload = self._artifacts.create_upload(name, plan=plan)
         try:
             version = self._registry.allocate_version(
                 name, created_by=created_by, upload_id=upload.upload_id, description=description
@@ -92,6 +99,35 @@ class ModelService:
             self._artifacts.discard_upload(upload.upload_id)
             raise
         return PendingVersion(version=version, upload=upload)
+
+    def _check_plan(self, plan: UploadPlan) -> UploadPlan:
+        """The upload plan is optional, but what is given must be coherent: S3 enforces it later."""
+        if plan.size is not None:
+            if plan.size <= 0:
+                raise InvalidInput("size must be a positive integer", field="size")
+            if plan.size > self._limits.max_model_bytes:
+                raise InvalidInput(f"models are limited to {self._limits.max_model_bytes} bytes", field="size")
+        if plan.sha256 is not None and not SHA256_HEX.fullmatch(plan.sha256):
+            raise InvalidInput("sha256 must be 64 lowercase hex characters", field="sha256")
+        if plan.part_size is None and not plan.part_sha256:
+            return plan
+        if plan.part_size is None or plan.size is None or plan.sha256 is None:
+            raise InvalidInput("a multipart upload needs size, sha256, part_size and part_sha256",
+                               field="part_size" if plan.part_size is None else "size")
+        if not MIN_PART_BYTES <= plan.part_size <= MAX_PART_BYTES:
+            raise InvalidInput(f"part_size must be between {MIN_PART_BYTES} and {MAX_PART_BYTES} bytes",
+                               field="part_size")
+        expected = -(-plan.size // plan.part_size)
+        if expected > MAX_PARTS:
+            raise InvalidInput(f"at most {MAX_PARTS} parts; choose a larger part_size", field="part_size")
+        if len(plan.part_sha256) != expected:
+            raise InvalidInput(f"{plan.size} bytes in parts of {plan.part_size} make {expected} parts, "
+                               f"but {len(plan.part_sha256)} part checksums were given", field="part_sha256")
+        for index, digest in enumerate(plan.part_sha256):
+            if not SHA256_HEX.fullmatch(digest):
+                raise InvalidInput("part checksums must be 64 lowercase hex characters",
+                                   field=f"part_sha256[{index}]")
+        return plan
 
     def commit_version(self, name: str, version: int, *, sha256: str, size: int) -> ModelVersion:
         check_model_name(name)

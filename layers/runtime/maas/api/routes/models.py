@@ -22,7 +22,7 @@ from maas.api.schemas import (
     VersionPage,
     problem_responses,
 )
-from maas.domain import DeploymentStatus, Model, ModelVersion, Scope
+from maas.domain import DeploymentStatus, Model, ModelVersion, Scope, UploadPlan
 from maas.errors import Forbidden
 from maas.services.tokens import TokenService
 
@@ -78,8 +78,11 @@ def list_versions(name: ModelName, services: ServicesDep, _: Invoker, limit: Lim
              responses=problem_responses(401, 403, 404, 415, 422))
 def create_version(name: ModelName, services: ServicesDep, token: Deployer,
                    body: CreateVersion | None = None) -> PendingVersionInfo:
-    pending = services.models.begin_version(name, created_by=token.name,
-                                            description=body.description if body else "")
+    body = body or CreateVersion()
+    plan = UploadPlan(size=body.size, sha256=body.sha256, part_size=body.part_size,
+                      part_sha256=tuple(body.part_sha256))
+    pending = services.models.begin_version(name, created_by=token.name, description=body.description,
+                                            plan=plan)
     return PendingVersionInfo(version=pending.version, upload=pending.upload)
 
 

@@ -29,7 +29,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from maas.domain import UploadTarget
+from maas.domain import UploadPlan, UploadTarget
 from maas.errors import Conflict, InvalidInput, NotFound, PayloadTooLarge, StorageCorrupted
 from maas.ports import StagedUpload, StoredArtifact
 from maas.services.digests import sha256_file
@@ -74,9 +74,10 @@ class FileArtifactStore:
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     # --- uploads ---------------------------------------------------------------------------------
-    def create_upload(self, model: str, version: int = 0) -> UploadTarget:
+    def create_upload(self, model: str, version: int = 0, plan: UploadPlan | None = None) -> UploadTarget:
         """Reserve an upload. ``version`` is informational (0: not allocated yet): services reserve the
-        upload before the version number exists, and the registry records the upload id."""
+        upload before the version number exists, and the registry records the upload id. The plan is
+        not needed here: the bytes come through the server, which hashes them, and commit checks."""
         upload_id = uuid.uuid4().hex
         expires_at = datetime.now(UTC) + timedelta(seconds=self.limits.upload_ttl_s)
         record = {"model": model, "version": version, "expires_at": expires_at.isoformat()}

@@ -1,0 +1,40 @@
+"""boto3 clients made once per process (per Lambda container), with bounded retries.
+
+botocore's ``standard`` retry mode retries throttles and transient errors with exponential backoff
+and full jitter; ``max_attempts`` bounds it so a request fails (429/503) well inside API Gateway's
+29-second limit instead of hanging."""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+import boto3
+from botocore.config import Config
+
+MAX_ATTEMPTS = 4
+
+
+def client_config(**overrides: Any) -> Config:
+    settings: dict[str, Any] = {
+        "retries": {"mode": "standard", "max_attempts": MAX_ATTEMPTS},
+        "connect_timeout": 3,
+        "read_timeout": 20,
+        "max_pool_connections": 32,
+    }
+    settings.update(overrides)
+    return Config(**settings)
+
+
+@cache
+def session() -> boto3.session.Session:
+    return boto3.session.Session()
+
+
+def make_client(service: str, *, endpoint_url: str | None = None, **config: Any) -> Any:
+    """A client for ``service`` (``s3``, ``dynamodb``...); ``endpoint_url`` points at a local
+    emulator (tests use moto's server on 127.0.0.1)."""
+    cfg = client_config(**config)
+    if service == "s3":
+        cfg = cfg.merge(Config(signature_version="s3v4"))  # presigned URLs must be SigV4
+    return session().client(service, endpoint_url=endpoint_url, config=cfg)
