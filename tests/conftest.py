@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 from maas.api import create_app
 from maas.backends.local import LocalBackend
 from maas.examples import example_model_path
+from maas.services.tokens import TokenService
 from maas.settings import Limits, Settings
 
 HOST = "127.0.0.1"
@@ -24,21 +25,31 @@ def settings(tmp_path: Path) -> Settings:
 
 
 @pytest.fixture
-def backend(settings: Settings) -> Iterator[LocalBackend]:
+def local_backend(settings: Settings) -> Iterator[LocalBackend]:
     local = LocalBackend(settings)
     yield local
     local.close()
 
 
-@pytest.fixture
-def admin_token(backend: LocalBackend) -> str:
-    token, _ = backend.ensure_admin_token(None)
-    assert token is not None
-    return token
+@pytest.fixture(params=["local", "aws"])
+def backend(request: pytest.FixtureRequest) -> Any:
+    """The contract: every test that takes ``backend`` (or ``app`` / ``client``) runs against both
+    the local backend and the AWS one under moto, so the two cannot drift."""
+    return request.getfixturevalue(f"{request.param}_backend")
 
 
 @pytest.fixture
-def app(backend: LocalBackend, settings: Settings) -> Any:
+def admin_token(backend: Any) -> str:
+    if isinstance(backend, LocalBackend):
+        token, _ = backend.ensure_admin_token(None)
+        assert token is not None
+        return token
+    _, secret = TokenService(backend.registry).create("admin", ["admin"], created_by="test")
+    return secret
+
+
+@pytest.fixture
+def app(backend: Any, settings: Settings) -> Any:
     return create_app(backend, settings)
 
 
@@ -59,10 +70,13 @@ def push(client: TestClient, name: str, data: bytes, *, create: bool = True) -> 
     if create:
         created = client.post("/models", json={"name": name})
         assert created.status_code in (201, 409), created.text
-    reserved = client.post(f"/models/{name}/versions", json={})
+    plan = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    reserved = client.post(f"/models/{name}/versions", json=plan)
     assert reserved.status_code == 201, reserved.text
     target = reserved.json()
-    uploaded = client.put(target["upload"]["url"], content=data,
+    # Through the API's upload route on both backends (on AWS it streams to S3); the presigned S3
+    # URLs themselves are exercised against moto's server in test_s3_presigned.py.
+    uploaded = client.put(f"/uploads/{target['upload']['upload_id']}", content=data,
                           headers={"Content-Type": "application/octet-stream"})
     assert uploaded.status_code == 200, uploaded.text
     version = target["version"]["version"]
@@ -110,3 +124,33 @@ def aws_backend(moto: None, settings: Settings) -> Any:
     from maas.backends.aws import AwsBackend
 
     return AwsBackend(settings, bucket=TEST_BUCKET, table=TEST_TABLE)
+
+
+def reserve(client: TestClient, name: str, data: bytes = b"placeholder") -> tuple[str, int]:
+    """Reserve an upload for ``data`` (announcing its size and sha256, which S3 needs up front);
+    returns the API upload path and the PENDING version number."""
+    plan = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    reserved = client.post(f"/models/{name}/versions", json=plan)
+    assert reserved.status_code == 201, reserved.text
+    body = reserved.json()
+    return f"/uploads/{body['upload']['upload_id']}", int(body["version"]["version"])
+
+
+def break_artifact(backend: Any, version: dict[str, Any], *, lose: bool = False) -> None:
+    """Damage a READY version's stored bytes behind maas's back: lost (``lose``) or corrupted.
+
+    Locally the content-addressed blob is rewritten or unlinked. On S3 a recorded object version
+    cannot change, so the damage is that version gone (permanently deleted) and, to corrupt, other
+    bytes under the same key."""
+    if isinstance(backend, LocalBackend):
+        blob = next((backend.settings.home / "artifacts").rglob(version["sha256"]))
+        blob.chmod(0o644)
+        if lose:
+            blob.unlink()
+        else:
+            blob.write_bytes(blob.read_bytes()[:-1] + b"\x00")
+        return
+    backend.s3.delete_object(Bucket=backend.bucket, Key=version["storage_key"],
+                             VersionId=version["storage_version_id"])
+    if not lose:
+        backend.s3.put_object(Bucket=backend.bucket, Key=version["storage_key"], Body=b"not the model")

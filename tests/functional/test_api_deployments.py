@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi.testclient import TestClient
 
-from tests.conftest import push
+from tests.conftest import break_artifact, push, reserve
 from tests.functional.test_api_models import assert_problem
 from tests.models import scale_model
 
@@ -34,7 +34,7 @@ def test_aliases(client: TestClient) -> None:
     assert_problem(client.put("/models/m/aliases/Bad!", json={"version": 1}), 422, "alias")
     assert_problem(client.put("/models/m/aliases/latest", json={"version": 1}), 422, "alias")
     assert_problem(client.put("/models/m/aliases/ok", json={"version": "x"}), 422, "version")
-    client.post("/models/m/versions", json={})  # v4 stays PENDING
+    reserve(client, "m")  # v4 stays PENDING
     assert_problem(client.put("/models/m/aliases/ok", json={"version": 4}), 409)
     assert_problem(client.get("/models/nope/aliases"), 404)
 
@@ -88,11 +88,8 @@ def test_deploy_errors(client: TestClient) -> None:
 def test_failed_smoke_test_leaves_previous_route(client: TestClient, backend) -> None:  # type: ignore[no-untyped-def]
     three_versions(client)
     client.post("/models/m/deployments", json={"version": 1})
-    # corrupt version 2's artifact on disk: the deploy's smoke load re-hashes and must refuse it
-    version = client.get("/models/m/versions/2").json()
-    blob = next(p for p in (backend.settings.home / "artifacts").rglob(version["sha256"]))
-    blob.chmod(0o644)
-    blob.write_bytes(blob.read_bytes()[:-1] + b"\x00")
+    # corrupt version 2's stored artifact: the deploy's smoke load re-hashes and must refuse it
+    break_artifact(backend, client.get("/models/m/versions/2").json())
     failed = client.post("/models/m/deployments", json={"version": 2})
     assert failed.status_code == 500
     assert "sha256" not in failed.json()["detail"].lower() or "/" not in failed.json()["detail"]

@@ -9,7 +9,7 @@ import tritonclient.http as triton
 from fastapi.testclient import TestClient
 
 from maas.examples import EXAMPLE_REQUEST, example_model_path
-from tests.conftest import push
+from tests.conftest import TEST_BUCKET, break_artifact, push, reserve
 from tests.functional.test_api_models import assert_problem
 from tests.models import failing_model
 
@@ -93,7 +93,7 @@ def test_inference_errors(client: TestClient, example_bytes: bytes) -> None:
     assert_problem(client.post("/v2/models/iris/versions/no-alias/infer", json=EXAMPLE_REQUEST), 404)
     assert_problem(client.post("/v2/models/iris/versions/BAD/infer", json=EXAMPLE_REQUEST), 422, "version")
     assert client.post("/v2/models/iris/versions/..%2f/infer", json=EXAMPLE_REQUEST).status_code in (404, 422)
-    client.post("/models/iris/versions", json={})  # v2 PENDING
+    reserve(client, "iris")  # v2 PENDING
     assert_problem(client.post("/v2/models/iris/versions/2/infer", json=EXAMPLE_REQUEST), 409)
     big = EXAMPLE_REQUEST["inputs"][0] | {"shape": [400_000, 4], "data": [[1.0, 2.0, 3.0, 4.0]] * 400_000}
     assert_problem(client.post("/v2/models/iris/versions/1/infer", json={"inputs": [big]}), 413)
@@ -142,10 +142,9 @@ def test_prometheus_metrics_per_model_and_version(deployed: TestClient) -> None:
 
 def test_lost_artifact_is_a_storage_fault_without_internals(client: TestClient, backend) -> None:  # type: ignore[no-untyped-def]
     version = push(client, "iris", example_model_path().read_bytes())
-    blob = next((backend.settings.home / "artifacts").rglob(version["sha256"]))
-    blob.chmod(0o644)
-    blob.unlink()
+    break_artifact(backend, version, lose=True)
     response = client.post("/v2/models/iris/versions/1/infer", json=EXAMPLE_REQUEST)
     body = assert_problem(response, 500)
     assert body["title"] == "Stored artifact is corrupted"
     assert str(backend.settings.home) not in response.text and "Traceback" not in response.text
+    assert TEST_BUCKET not in response.text and "s3://" not in response.text

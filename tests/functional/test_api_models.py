@@ -7,7 +7,7 @@ import hashlib
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.conftest import push
+from tests.conftest import push, reserve
 from tests.models import scale_model
 
 PROBLEM = "application/problem+json"
@@ -86,9 +86,8 @@ def test_push_creates_ready_version_with_signature(client: TestClient, example_b
 
 def test_commit_is_idempotent_and_checks_checksum(client: TestClient, example_bytes: bytes) -> None:
     client.post("/models", json={"name": "iris"})
-    reserved = client.post("/models/iris/versions", json={}).json()
-    url, number = reserved["upload"]["url"], reserved["version"]["version"]
-    assert reserved["version"]["status"] == "PENDING"
+    url, number = reserve(client, "iris", example_bytes)
+    assert client.get(f"/models/iris/versions/{number}").json()["status"] == "PENDING"
     commit = {"sha256": hashlib.sha256(example_bytes).hexdigest(), "size": len(example_bytes)}
     assert_problem(client.post(f"/models/iris/versions/{number}/commit", json=commit), 409)  # nothing uploaded
     assert client.put(url, content=example_bytes, headers={"Content-Type": "application/octet-stream"}
@@ -109,9 +108,9 @@ def test_commit_is_idempotent_and_checks_checksum(client: TestClient, example_by
 def test_rejected_model_marks_version_failed(client: TestClient) -> None:
     bad = b"\x80\x04\x95" + b"pickle payload" * 10
     client.post("/models", json={"name": "evil"})
-    result = client.post("/models/evil/versions", json={}).json()
-    client.put(result["upload"]["url"], content=bad, headers={"Content-Type": "application/octet-stream"})
-    committed = client.post(f"/models/evil/versions/{result['version']['version']}/commit",
+    url, number = reserve(client, "evil", bad)
+    client.put(url, content=bad, headers={"Content-Type": "application/octet-stream"})
+    committed = client.post(f"/models/evil/versions/{number}/commit",
                             json={"sha256": hashlib.sha256(bad).hexdigest(), "size": len(bad)})
     body = assert_problem(committed, 422)
     assert "pickle" in body["detail"].lower()
@@ -137,7 +136,7 @@ def test_uploads_reject_wrong_ids_types_and_sizes(client: TestClient, settings) 
     assert_problem(client.put("/uploads/not-an-upload-id", content=b"x", headers=octet), 422, "upload_id")
     assert client.put("/uploads/..%2f..%2fetc", content=b"x", headers=octet).status_code in (404, 422)
     client.post("/models", json={"name": "m"})
-    url = client.post("/models/m/versions", json={}).json()["upload"]["url"]
+    url, _ = reserve(client, "m")
     assert_problem(client.put(url, content=b"x", headers={"Content-Type": "text/plain"}), 415)
 
 

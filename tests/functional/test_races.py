@@ -28,7 +28,7 @@ from maas.services.invariants import check_invariants
 from maas.services.models import ModelService
 from maas.services.tokens import TokenService
 from maas.settings import Settings
-from tests.conftest import push
+from tests.conftest import push, reserve
 from tests.functional.test_api_models import assert_problem
 from tests.models import scale_model
 
@@ -103,7 +103,7 @@ def test_refused_rollback_changes_nothing(client: TestClient, backend: LocalBack
 
 def test_upload_honours_the_token_model_restriction(client: TestClient, backend: LocalBackend) -> None:
     client.post("/models", json={"name": "victim"})
-    url = client.post("/models/victim/versions", json={}).json()["upload"]["url"]
+    url, _ = reserve(client, "victim", b"ok")
     _, secret = TokenService(backend.registry).create("mine-only", ["deploy"], model="mine")
     response = client.put(url, content=b"evil", headers={"Authorization": f"Bearer {secret}",
                                                            "Content-Type": "application/octet-stream"})

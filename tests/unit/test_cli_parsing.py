@@ -374,7 +374,8 @@ def test_push_to_a_relative_upload_url(tmp_path: Path) -> None:
     assert calls[0] == (0, len(payload)) and calls[-1] == (len(payload), len(payload))
     assert [sent for sent, _ in calls] == sorted(sent for sent, _ in calls)
     create_version = next(r for r in server.requests if r.url.path == "/models/iris/versions")
-    assert json.loads(create_version.content) == {"description": "retrained"}
+    assert json.loads(create_version.content) == {"description": "retrained", "size": len(payload),
+                                                  "sha256": hashlib.sha256(payload).hexdigest()}
 
 
 def test_push_to_a_presigned_url_sends_no_maas_token(tmp_path: Path) -> None:

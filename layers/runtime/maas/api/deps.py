@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated
@@ -14,45 +12,15 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from maas.api.metrics import PrometheusMetrics
 from maas.domain import Scope, Token
 from maas.domain.names import ALIAS_NAME, MODEL_NAME
-from maas.errors import Unauthorized
 from maas.inference.engine import InferenceEngine
 from maas.ports import Backend
 from maas.services.aliases import AliasService
 from maas.services.deployments import DeploymentService
 from maas.services.models import ModelService
 from maas.services.serving import ServingResolver
+from maas.services.tokens import TokenCache as TokenCache  # re-exported: maas.api.app imports it from here
 from maas.services.tokens import TokenService
 from maas.settings import Settings
-
-
-class TokenCache:
-    """Bearer tokens resolved in the last few seconds, so the inference path skips the registry.
-    Revocations through this process evict at once; elsewhere they apply within ``ttl_s``."""
-
-    def __init__(self, tokens: TokenService, ttl_s: float = 5.0):
-        self._tokens = tokens
-        self._ttl = ttl_s
-        self._cache: dict[str, tuple[float, Token]] = {}
-        self._lock = threading.Lock()
-
-    def authenticate(self, authorization: str | None) -> Token:
-        if authorization is None:
-            raise Unauthorized("missing bearer token: send 'Authorization: Bearer <token>'")
-        now = time.monotonic()
-        hit = self._cache.get(authorization)
-        if hit is not None and hit[0] > now:
-            return hit[1]
-        token = self._tokens.authenticate(authorization)
-        with self._lock:
-            if len(self._cache) > 10_000:
-                self._cache.clear()
-            self._cache[authorization] = (now + self._ttl, token)
-        return token
-
-    def forget(self, token: Token) -> None:
-        with self._lock:
-            for key in [k for k, (_, t) in self._cache.items() if t.id == token.id]:
-                self._cache.pop(key, None)
 
 
 @dataclass

@@ -30,6 +30,8 @@ from maas.protocol.oip import DATATYPE_TO_NUMPY
 DEFAULT_URL = "http://127.0.0.1:8080"
 ADMIN_TOKEN_FILE = "admin-token"
 UPLOAD_CHUNK_BYTES = 1024 * 1024
+#: Files larger than this go up in parts of this size (S3 multipart; 5 MiB to 5 GiB, at most 10,000).
+MULTIPART_PART_BYTES = 64 * 1024 * 1024
 
 #: numpy dtype name -> OIP datatype name (the inverse of ``DATATYPE_TO_NUMPY``).
 NUMPY_TO_DATATYPE: dict[str, str] = {numpy: oip for oip, numpy in DATATYPE_TO_NUMPY.items()}
@@ -186,6 +188,31 @@ def file_sha256(path: str | Path) -> str:
         while chunk := handle.read(UPLOAD_CHUNK_BYTES):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def file_digests(path: str | Path, part_size: int = MULTIPART_PART_BYTES) -> tuple[str, int, list[str]]:
+    """(sha256, size, part sha256s) of a file in one read; the part list is empty when the file fits
+    in one part (a single upload)."""
+    total = hashlib.sha256()
+    part = hashlib.sha256()
+    parts: list[str] = []
+    size = in_part = 0
+    with open(path, "rb") as handle:
+        while chunk := handle.read(UPLOAD_CHUNK_BYTES):
+            total.update(chunk)
+            size += len(chunk)
+            view = memoryview(chunk)
+            while view:
+                take = min(len(view), part_size - in_part)
+                part.update(view[:take])
+                in_part += take
+                view = view[take:]
+                if in_part == part_size:
+                    parts.append(part.hexdigest())
+                    part, in_part = hashlib.sha256(), 0
+    if in_part:
+        parts.append(part.hexdigest())
+    return total.hexdigest(), size, parts if size > part_size else []
 
 
 def _segment(value: str | int) -> str:
@@ -351,11 +378,29 @@ class Client:
     def delete_version(self, name: str, version: int | str) -> None:
         self._request("DELETE", f"{self._model_path(name)}/versions/{_segment(version)}")
 
-    def create_version(self, name: str, description: str = "") -> dict[str, Any]:
-        """POST /models/{name}/versions: ``{version (PENDING), upload: {upload_id, url, method, ...}}``."""
-        result: dict[str, Any] = self._request(
-            "POST", f"{self._model_path(name)}/versions", json={"description": description}
-        )
+    def create_version(
+        self,
+        name: str,
+        description: str = "",
+        *,
+        size: int | None = None,
+        sha256: str | None = None,
+        part_size: int | None = None,
+        part_sha256: Sequence[str] = (),
+    ) -> dict[str, Any]:
+        """POST /models/{name}/versions: ``{version (PENDING), upload: {upload_id, url, method, ...}}``.
+
+        ``size`` and ``sha256`` announce the bytes (required on AWS, where S3 checks them as they
+        arrive); ``part_size`` and ``part_sha256`` ask for a multipart upload (``upload.parts``)."""
+        body: dict[str, Any] = {"description": description}
+        if size is not None:
+            body["size"] = int(size)
+        if sha256 is not None:
+            body["sha256"] = sha256
+        if part_sha256:
+            body["part_size"] = int(part_size) if part_size is not None else MULTIPART_PART_BYTES
+            body["part_sha256"] = list(part_sha256)
+        result: dict[str, Any] = self._request("POST", f"{self._model_path(name)}/versions", json=body)
         return result
 
     def commit_version(self, name: str, version: int, sha256: str, size: int) -> dict[str, Any]:
@@ -374,47 +419,74 @@ class Client:
         description: str = "",
         create: bool = True,
         progress: ProgressCallback | None = None,
+        part_size: int | None = None,
     ) -> dict[str, Any]:
         """Register ``path`` as a new version of ``name`` and return the committed (READY) version.
 
-        Creates the model first when ``create`` is true and it does not exist, uploads the bytes to the
-        target the server hands out (streamed, hashed on the way, ``progress(sent, total)`` per chunk),
-        then commits with the sha256 and size so the server verifies and validates the artifact.
+        Hashes the file first (sha256 and size, and the sha256 of every ``part_size`` slice when it is
+        larger than one part: default :data:`MULTIPART_PART_BYTES`), announces them when creating the
+        version so storage can check the bytes as they arrive, uploads to the target the server hands
+        out (one PUT, or one PUT per part; ``progress(sent, total)`` per chunk across all parts), then
+        commits so the server verifies and validates the artifact. Creates the model first when
+        ``create`` is true and it does not exist.
         """
         file = Path(path)
-        size = file.stat().st_size
+        part_bytes = MULTIPART_PART_BYTES if part_size is None else int(part_size)
+        if part_bytes <= 0:
+            raise ValueError("part_size must be a positive number of bytes")
+        sha256, size, part_sha256 = file_digests(file, part_bytes)
         if create:
             try:
                 self.create_model(name)
             except MaasClientError as exc:
                 if exc.status != 409:
                     raise
-        created = self.create_version(name, description)
+        created = self.create_version(name, description, size=size, sha256=sha256,
+                                      part_size=part_bytes if part_sha256 else None, part_sha256=part_sha256)
         version = int(created["version"]["version"])
         upload = created["upload"]
-        digest = hashlib.sha256()
+        sent = 0
+        if progress is not None:
+            progress(0, size)
 
-        def chunks() -> Iterator[bytes]:
-            sent = 0
-            if progress is not None:
-                progress(0, size)
+        def chunks(offset: int, length: int) -> Iterator[bytes]:
+            nonlocal sent
             with file.open("rb") as handle:
-                while chunk := handle.read(UPLOAD_CHUNK_BYTES):
-                    digest.update(chunk)
+                handle.seek(offset)
+                left = length
+                while left > 0:
+                    chunk = handle.read(min(UPLOAD_CHUNK_BYTES, left))
+                    if not chunk:
+                        raise MaasClientError(0, "File changed", f"{file} became shorter while it was uploaded")
+                    left -= len(chunk)
                     sent += len(chunk)
                     if progress is not None:
                         progress(sent, size)
                     yield chunk
 
-        self._upload(upload, chunks(), size)
-        return self.commit_version(name, version, digest.hexdigest(), size)
+        parts = upload.get("parts") or []
+        if upload.get("url") is None and parts:
+            # Multipart (S3): part N holds bytes [(N - 1) * part_size, N * part_size) of the file.
+            target_part_size = int(upload.get("part_size") or part_bytes)
+            for part in parts:
+                offset = (int(part["number"]) - 1) * target_part_size
+                length = max(0, min(target_part_size, size - offset))
+                self._upload({"url": part["url"], "method": upload.get("method"), "headers": part.get("headers")},
+                             chunks(offset, length), length)
+        else:
+            self._upload(upload, chunks(0, size), size)
+        return self.commit_version(name, version, sha256, size)
 
     def _upload(self, target: Mapping[str, Any], body: Iterator[bytes], size: int) -> None:
+        """Send one body to an upload URL with the headers the server asked for (presigned S3 URLs
+        sign some of them, e.g. ``x-amz-checksum-sha256``)."""
         url = str(target["url"])
         method = str(target.get("method") or "PUT").upper()
         headers = {str(key): str(value) for key, value in (target.get("headers") or {}).items()}
-        headers.setdefault("Content-Type", "application/octet-stream")
+        if not any(key.lower() == "content-type" for key in headers):
+            headers["Content-Type"] = "application/octet-stream"
         # An explicit length keeps httpx from sending chunked encoding, which S3 presigned PUTs refuse.
+        headers = {key: value for key, value in headers.items() if key.lower() != "content-length"}
         headers["Content-Length"] = str(size)
         parts = urlsplit(url)
         if not parts.scheme:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import threading
+import time
 import uuid
 from collections.abc import Iterable
 
@@ -83,3 +85,40 @@ class TokenService:
             where = f" on model {model!r}" if model and token.model else ""
             raise Forbidden(f"this token lacks the {scope.value!r} scope{where}")
         return token
+
+
+class TokenCache:
+    """Bearer tokens resolved in the last few seconds, so the inference path skips the registry.
+
+    Shared by every transport (the FastAPI app, the inference Lambda): a registry read per request
+    would cost more than the model for small models. Revocations through this process evict at once
+    (``forget``); elsewhere they apply within ``ttl_s``. Failed lookups are never cached, so a
+    brand-new token works on its first request."""
+
+    #: bound on remembered headers: a flood of random tokens must not grow memory without limit
+    MAX_ENTRIES = 10_000
+
+    def __init__(self, tokens: TokenService, ttl_s: float = 5.0):
+        self._tokens = tokens
+        self._ttl = ttl_s
+        self._cache: dict[str, tuple[float, Token]] = {}
+        self._lock = threading.Lock()
+
+    def authenticate(self, authorization: str | None) -> Token:
+        if authorization is None:
+            raise Unauthorized("missing bearer token: send 'Authorization: Bearer <token>'")
+        now = time.monotonic()
+        hit = self._cache.get(authorization)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        token = self._tokens.authenticate(authorization)
+        with self._lock:
+            if len(self._cache) > self.MAX_ENTRIES:
+                self._cache.clear()
+            self._cache[authorization] = (now + self._ttl, token)
+        return token
+
+    def forget(self, token: Token) -> None:
+        with self._lock:
+            for key in [k for k, (_, t) in self._cache.items() if t.id == token.id]:
+                self._cache.pop(key, None)

@@ -4,11 +4,13 @@ process (on Lambda, /tmp holds the staged file). Same ports, same guarantees as 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 from maas.backends.aws.artifacts import S3ArtifactStore
 from maas.backends.aws.clients import make_client
 from maas.backends.aws.registry import DynamoRegistry
+from maas.domain import Signature
 from maas.errors import InvalidInput
 from maas.ports import ArtifactStore, Registry, Validator
 from maas.settings import Settings
@@ -16,6 +18,22 @@ from maas.settings import Settings
 ENV_BUCKET = "MAAS_BUCKET"
 ENV_TABLE = "MAAS_TABLE"
 ENV_ENDPOINT = "MAAS_AWS_ENDPOINT_URL"  # a local emulator (moto server) instead of AWS
+
+
+class LazyValidator:
+    """The sandboxed validator, imported on first use: the inference function never validates, and
+    importing onnx would only lengthen its cold start."""
+
+    def __init__(self, settings: Settings):
+        self._limits = settings.limits
+        self._real: Validator | None = None
+
+    def validate(self, path: Path) -> Signature:
+        if self._real is None:
+            from maas.inference.validation import SubprocessValidator
+
+            self._real = SubprocessValidator(self._limits)
+        return self._real.validate(path)
 
 
 class AwsBackend:
@@ -31,11 +49,7 @@ class AwsBackend:
         self.registry: Registry = DynamoRegistry(self.dynamodb, table,
                                                  page_size_max=settings.limits.page_size_max)
         self.artifacts: ArtifactStore = S3ArtifactStore(self.s3, bucket, settings.limits)
-        if validator is None:
-            from maas.inference.validation import SubprocessValidator  # heavy; only when needed
-
-            validator = SubprocessValidator(settings.limits)
-        self.validator: Validator = validator
+        self.validator: Validator = validator if validator is not None else LazyValidator(settings)
 
     @classmethod
     def from_env(cls, settings: Settings | None = None, **kwargs: Any) -> AwsBackend:

@@ -17,7 +17,7 @@ MAX_ATTEMPTS = 4
 
 def client_config(**overrides: Any) -> Config:
     settings: dict[str, Any] = {
-        "retries": {"mode": "standard", "max_attempts": MAX_ATTEMPTS},
+        "retries": {"mode": "standard", "total_max_attempts": MAX_ATTEMPTS},
         "connect_timeout": 3,
         "read_timeout": 20,
         "max_pool_connections": 32,

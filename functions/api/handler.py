@@ -1,0 +1,52 @@
+"""Management API Lambda: the same FastAPI app as ``maas serve``, over the AWS backend, behind Mangum.
+
+Composition root only: everything is built once per container at import (clients, app), because
+Mangum's ``lifespan="auto"`` would run start-up on every invocation. Mangum stays behind this one
+module (its repository is archived): replacing it touches nothing else."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mangum import Mangum
+
+from maas.api import create_app
+from maas.backends.aws import AwsBackend
+from maas.backends.aws.telemetry import correlation_id, get_logger, get_tracer
+from maas.settings import Settings
+
+SERVICE = "maas-api"
+logger = get_logger(SERVICE)
+tracer = get_tracer(SERVICE)
+
+settings = Settings.from_env()
+backend = AwsBackend.from_env(settings)
+app = create_app(backend, settings)
+_adapters: dict[str, Mangum] = {}
+
+
+def base_path(event: dict[str, Any]) -> str:
+    """The stage prefix to strip: HTTP APIs (v2) put a named stage in ``rawPath`` (``/prod/models``);
+    REST APIs (v1) usually do not, but a custom-domain mapping can. ``$default`` has none."""
+    context = event.get("requestContext") or {}
+    stage = context.get("stage")
+    path = event.get("rawPath") or event.get("path") or "/"
+    if not isinstance(stage, str) or not stage or stage == "$default":
+        return "/"
+    prefix = f"/{stage}"
+    return prefix if path == prefix or path.startswith(prefix + "/") else "/"
+
+
+def adapter(prefix: str) -> Mangum:
+    found = _adapters.get(prefix)
+    if found is None:
+        found = _adapters[prefix] = Mangum(app, lifespan="off", api_gateway_base_path=prefix)
+    return found
+
+
+@logger.inject_lambda_context(clear_state=True)
+@tracer.capture_lambda_handler(capture_response=False)
+def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
+    logger.set_correlation_id(correlation_id(event))
+    response: dict[str, Any] = adapter(base_path(event))(event, context)
+    return response
