@@ -6,13 +6,14 @@ module (its repository is archived): replacing it touches nothing else."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from mangum import Mangum
 
 from maas.api import create_app
 from maas.backends.aws import AwsBackend
-from maas.backends.aws.telemetry import correlation_id, get_logger, get_tracer
+from maas.backends.aws.telemetry import EmfMetrics, correlation_id, get_logger, get_tracer
 from maas.settings import Settings
 
 SERVICE = "maas-api"
@@ -21,8 +22,10 @@ tracer = get_tracer(SERVICE)
 
 settings = Settings.from_env()
 backend = AwsBackend.from_env(settings)
-app = create_app(backend, settings)
+emf = EmfMetrics()
+app = create_app(backend, settings, metrics_sink=emf)
 _adapters: dict[str, Mangum] = {}
+_cold = True
 
 
 def base_path(event: dict[str, Any]) -> str:
@@ -47,6 +50,16 @@ def adapter(prefix: str) -> Mangum:
 @logger.inject_lambda_context(clear_state=True)
 @tracer.capture_lambda_handler(capture_response=False)
 def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
+    global _cold
+    started = time.perf_counter()
     logger.set_correlation_id(correlation_id(event))
-    response: dict[str, Any] = adapter(base_path(event))(event, context)
+    try:
+        response: dict[str, Any] = adapter(base_path(event))(event, context)
+    finally:
+        emf.request(None, None, total_s=time.perf_counter() - started, cold_start=_cold)
+        _cold = False
+        emf.flush()  # one EMF document per model-version this invocation touched
+    request_id = correlation_id(event)
+    if request_id:
+        response.setdefault("headers", {})["x-request-id"] = request_id
     return response

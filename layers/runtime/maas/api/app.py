@@ -10,12 +10,12 @@ from maas import __version__
 from maas.api import problems
 from maas.api.deps import Invoker, Services, ServicesDep, TokenCache
 from maas.api.guard import RequestGuard
-from maas.api.metrics import PrometheusMetrics
+from maas.api.metrics import FanOut, PrometheusMetrics
 from maas.api.routes import deployments, inference, models, tokens
 from maas.domain import ModelVersion
 from maas.errors import NotFound, StorageCorrupted
 from maas.inference.engine import InferenceEngine
-from maas.ports import Backend
+from maas.ports import Backend, Metrics
 from maas.services.aliases import AliasService
 from maas.services.deployments import DeploymentService
 from maas.services.invariants import artifact_of
@@ -32,9 +32,10 @@ Inference follows the Open Inference Protocol v2 (KServe/Triton), with Triton's 
 
 
 def create_app(backend: Backend, settings: Settings | None = None, *,
-               allowed_hosts: Iterable[str] | None = None) -> FastAPI:
+               allowed_hosts: Iterable[str] | None = None, metrics_sink: Metrics | None = None) -> FastAPI:
     """Build the API over a backend. ``allowed_hosts`` restricts the Host header (DNS rebinding
-    defence for a server bound to loopback); ``None`` accepts any host (behind API Gateway)."""
+    defence for a server bound to loopback); ``None`` accepts any host (behind API Gateway).
+    ``metrics_sink`` receives the engine's metrics besides ``/metrics`` (CloudWatch EMF on Lambda)."""
     settings = settings or getattr(backend, "settings", None) or Settings.from_env()
     metrics = PrometheusMetrics()
 
@@ -48,7 +49,8 @@ def create_app(backend: Backend, settings: Settings | None = None, *,
             raise StorageCorrupted(f"the artifact of {version.model!r} version {version.version} is missing "
                                    "from storage") from None
 
-    engine = InferenceEngine(read_artifact, settings.limits, metrics)
+    engine = InferenceEngine(read_artifact, settings.limits,
+                             metrics if metrics_sink is None else FanOut(metrics, metrics_sink))
     model_service = ModelService(backend.registry, backend.artifacts, backend.validator, settings.limits)
     token_service = TokenService(backend.registry)
     services = Services(

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
+from maas.ports import Metrics
+
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                    1.0, 2.5, 5.0, 10.0)
 
@@ -43,3 +45,23 @@ class PrometheusMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class FanOut:
+    """Reports to several sinks: ``/metrics`` keeps working on Lambda while the same points go to
+    CloudWatch as EMF."""
+
+    def __init__(self, *sinks: Metrics):
+        self._sinks = sinks
+
+    def invocation(self, model: str, version: int, *, latency_s: float, error: bool) -> None:
+        for sink in self._sinks:
+            sink.invocation(model, version, latency_s=latency_s, error=error)
+
+    def cache(self, model: str, version: int, *, hit: bool) -> None:
+        for sink in self._sinks:
+            sink.cache(model, version, hit=hit)
+
+    def model_load(self, model: str, version: int, *, seconds: float) -> None:
+        for sink in self._sinks:
+            sink.model_load(model, version, seconds=seconds)
