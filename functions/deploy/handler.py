@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from maas.backends.aws import AwsBackend
-from maas.backends.aws.telemetry import get_logger, get_tracer
+from maas.backends.aws.telemetry import get_logger, get_tracer, metrics
 from maas.services.cleanup import CleanupService
 from maas.settings import Settings
 
@@ -25,6 +25,7 @@ backend = AwsBackend.from_env(settings)
 
 @logger.inject_lambda_context(clear_state=True)
 @tracer.capture_lambda_handler(capture_response=False)
+@metrics.log_metrics
 def cleanup(event: dict[str, Any], context: Any) -> dict[str, Any]:
     report = CleanupService(backend.registry, backend.artifacts, settings.limits).run()
     summary = {
@@ -33,5 +34,9 @@ def cleanup(event: dict[str, Any], context: Any) -> dict[str, Any]:
         "removed_uploads": report.removed_uploads,
         "removed_artifacts": report.removed_blobs,
     }
-    logger.info("cleanup finished", extra={"counts": {key: len(value) for key, value in summary.items()}})
+    counts = {key: len(value) for key, value in summary.items()}
+    for key, count in counts.items():
+        # e.g. CleanupRemovedArtifacts: a steady climb means pushes are being abandoned
+        metrics.add_metric(name="Cleanup" + key.title().replace("_", ""), unit="Count", value=count)
+    logger.info("cleanup finished", extra={"counts": counts})
     return summary

@@ -9,7 +9,7 @@ import base64
 import hashlib
 import json
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -156,3 +156,23 @@ def test_version_pushed_through_the_api_handler_is_served_by_the_inference_handl
     assert_json_outputs(result, FEATURES)
     probabilities = np.array(result["outputs"][0]["data"]).reshape(result["outputs"][0]["shape"])
     assert np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize(("code", "status"), [("ProvisionedThroughputExceededException", 429),
+                                             ("ThrottlingException", 429), ("InternalServerError", 503)])
+def test_aws_throttles_and_outages_are_429_or_503_with_retry_after(
+        api: ModuleType, admin: str, code: str, status: int) -> None:
+    def fail(**_: Any) -> tuple[Any, dict[str, Any]]:
+        return SimpleNamespace(status_code=400 if status == 429 else 500, headers={}), {
+            "Error": {"Code": code, "Message": "injected"},
+            "ResponseMetadata": {"HTTPStatusCode": 400 if status == 429 else 500}}
+
+    assert call(api, "v2_http_json_infer_prod", "GET", "/models", admin)[0] == 200  # token cached
+    api.backend.dynamodb.meta.events.register("before-call.dynamodb.PutItem", fail)
+    try:
+        answer, headers, body = call(api, "v2_http_json_infer_prod", "POST", "/models", admin, body={"name": "m"})
+    finally:
+        api.backend.dynamodb.meta.events.unregister("before-call.dynamodb.PutItem", fail)
+    assert answer == status and headers["content-type"] == PROBLEM, body
+    assert int(headers["retry-after"]) >= 1
+    assert "Traceback" not in body.decode() and TEST_TABLE not in body.decode()
