@@ -103,14 +103,39 @@ def aws_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
 
 
+_MOTO_DYNAMODB_CALLS = ("transact_write_items", "put_item", "update_item", "delete_item", "batch_write_item",
+                        "get_item", "query", "scan", "transact_get_items", "batch_get_item")
+
+
+def _serialize_moto_dynamodb(monkeypatch: pytest.MonkeyPatch) -> None:
+    """DynamoDB applies each request (a transaction too) atomically; moto's in-memory tables do not
+    under threads (a cancelled transaction restores a snapshot over other threads' writes), so
+    concurrency tests would test moto. One lock around each request restores DynamoDB's atomicity."""
+    import functools
+    import threading
+
+    from moto.dynamodb.models import DynamoDBBackend
+
+    lock = threading.RLock()
+    for name in _MOTO_DYNAMODB_CALLS:
+        original = getattr(DynamoDBBackend, name)
+
+        def locked(*args: Any, _original: Any = original, **kwargs: Any) -> Any:
+            with lock:
+                return _original(*args, **kwargs)
+
+        monkeypatch.setattr(DynamoDBBackend, name, functools.wraps(original)(locked))
+
+
 @pytest.fixture
-def moto(aws_credentials: None) -> Iterator[None]:
+def moto(aws_credentials: None, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """moto's in-process AWS with the bucket (versioned) and the table the stack creates."""
     import boto3
     from moto import mock_aws
 
     from maas.backends.aws.table import create_table
 
+    _serialize_moto_dynamodb(monkeypatch)
     with mock_aws():
         s3 = boto3.client("s3")
         s3.create_bucket(Bucket=TEST_BUCKET)

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from maas.backends.local import LocalBackend
-from maas.domain import VersionStatus
+from maas.domain import UploadPlan, VersionStatus
 from maas.errors import MaasError
 from maas.inference.validation import inspect_model_file
 from maas.ports import ArtifactStore, Registry
@@ -71,7 +71,8 @@ class Faulty:
 
 
 def push(models: ModelService, artifacts: ArtifactStore, name: str, data: bytes) -> int:
-    pending = models.begin_version(name)
+    plan = UploadPlan(size=len(data), sha256=hashlib.sha256(data).hexdigest())  # S3 needs it up front
+    pending = models.begin_version(name, plan=plan)
     artifacts.receive_upload(pending.upload.upload_id, io.BytesIO(data), len(data))
     return models.commit_version(name, pending.version.version, sha256=hashlib.sha256(data).hexdigest(),
                                  size=len(data)).version
@@ -152,20 +153,19 @@ def test_kill_between_artifact_write_and_registry_commit(tmp_path: Path) -> None
     assert report.removed_failed == [("m", 1)]
 
 
-def test_cleanup_spares_young_uploads_and_referenced_blobs(tmp_path: Path) -> None:
-    backend = LocalBackend(Settings(home=tmp_path))
+# --- on both backends (``backend`` is parametrized: local, and AWS under moto) ------------------------
+def test_cleanup_spares_young_uploads_and_referenced_blobs(backend: Any) -> None:
     models = ModelService(backend.registry, backend.artifacts, backend.validator, backend.settings.limits)
     models.create_model("m")
     push(models, backend.artifacts, "m", scale_model(1.0))
-    pending = models.begin_version("m")
+    pending = models.begin_version("m", plan=UploadPlan(size=len(b"partial"), sha256="0" * 64))
     backend.artifacts.receive_upload(pending.upload.upload_id, io.BytesIO(b"partial"), 100)
     report = CleanupService(backend.registry, backend.artifacts, backend.settings.limits).run()
     assert report.removed_blobs == [] and report.removed_uploads == [] and report.expired_versions == []
     assert backend.artifacts.inspect_upload(pending.upload.upload_id).size == len(b"partial")
 
 
-def test_concurrent_pushes_get_distinct_versions(tmp_path: Path) -> None:
-    backend = LocalBackend(Settings(home=tmp_path))
+def test_concurrent_pushes_get_distinct_versions(backend: Any) -> None:
     models = ModelService(backend.registry, backend.artifacts, backend.validator, backend.settings.limits)
     models.create_model("m")
     payloads = [scale_model(float(i)) for i in range(6)]
@@ -177,8 +177,7 @@ def test_concurrent_pushes_get_distinct_versions(tmp_path: Path) -> None:
     assert check_invariants(backend.registry, backend.artifacts) == []
 
 
-def test_failed_validation_leaves_no_ready_version(tmp_path: Path) -> None:
-    backend = LocalBackend(Settings(home=tmp_path))
+def test_failed_validation_leaves_no_ready_version(backend: Any) -> None:
     models = ModelService(backend.registry, backend.artifacts, backend.validator, backend.settings.limits)
     models.create_model("m")
     with pytest.raises(MaasError):
