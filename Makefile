@@ -32,6 +32,8 @@ lint: install-dev
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 	$(BIN)/mypy
+	for handler in functions/*/handler.py; do $(BIN)/mypy --strict "$$handler" || exit 1; done
+	$(BIN)/mypy --strict scripts/build_layers.py
 
 test: lint  ## install, lint, type-check and run every test
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
