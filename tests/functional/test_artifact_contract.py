@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import io
 import json
@@ -481,3 +482,34 @@ def test_s3_errors_are_translated(s3kit: Kit, monkeypatch: pytest.MonkeyPatch) -
     with pytest.raises(Unavailable) as info:
         store.inspect_upload(upload_id)
     assert TEST_BUCKET not in info.value.detail
+
+
+def test_s3_a_local_copy_that_fails_midway_leaves_no_file(s3kit: Kit, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without hard links the cached download is copied for the validator; a full disk midway must
+    not leave the partial copy behind in /tmp (a Lambda's /tmp is small and outlives the request)."""
+    upload_id = upload(s3kit.store, os.urandom(3000))
+    s3kit.store.inspect_upload(upload_id)
+    tmp = s3kit.tmp_path / "s3-tmp"
+    before = set(tmp.iterdir())
+
+    def no_links(*_: Any) -> None:
+        raise PermissionError(errno.EPERM, "hard links not supported")
+
+    real_open = Path.open
+
+    def full_disk(self: Path, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        handle = real_open(self, mode, *args, **kwargs)
+        if "x" in mode:
+            def write(_: bytes) -> int:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            handle.write = write
+        return handle
+
+    monkeypatch.setattr(os, "link", no_links)
+    monkeypatch.setattr(Path, "open", full_disk)
+    with pytest.raises(OSError), s3kit.store.staged_path(upload_id):
+        pass
+    monkeypatch.undo()
+    assert set(tmp.iterdir()) == before
+    s3kit.store.discard_upload(upload_id)
+    assert list(tmp.iterdir()) == []

@@ -38,7 +38,7 @@ from maas.domain import (
     Token,
     VersionStatus,
 )
-from maas.errors import Conflict, InvalidInput, NotFound, Throttled, Unavailable
+from maas.errors import Conflict, InvalidInput, ModelRejected, NotFound, Throttled, Unavailable
 from maas.ports import Registry, StoredArtifact
 from maas.services.tokens import hash_token
 from tests.conftest import TEST_TABLE
@@ -399,6 +399,26 @@ def test_mark_ready_and_failed_are_conditional(registry: Registry) -> None:
         registry.mark_failed("other", 1, "x")
     assert registry.get_version("m", 2) == failed
     assert registry.get_version("m", 1) == done
+
+
+def test_a_signature_too_large_to_record_is_rejected_not_an_outage(registry: Registry) -> None:
+    """Input names come from the uploaded model, unbounded: one 500 KB name makes a version item
+    over DynamoDB's 400 KB. That is the model's fault (422, version FAILED so a retry gets the
+    reason), never a 503 that leaves the version PENDING for every retry. SQLite has no such limit."""
+    registry.create_model(Model(name="m"))
+    number = registry.allocate_version("m", created_by="t", upload_id="u1").version
+    huge = Signature(inputs=(TensorSpec(name="x" * 500_000, datatype="FP32", shape=(-1, 4)),),
+                     outputs=SIGNATURE.outputs)
+    try:
+        done = registry.mark_ready("m", number, fake_artifact(), huge)
+    except ModelRejected as rejected:
+        assert "signature" in rejected.detail and "xxxxxxxxxx" not in rejected.detail
+        failed = registry.get_version("m", number)
+        assert (failed.status, failed.status_reason) == (VersionStatus.FAILED, rejected.detail)
+        assert isinstance(registry, DynamoRegistry)
+    else:
+        assert (done.status, done.signature) == (VersionStatus.READY, huge)
+        assert registry.get_version("m", number) == done
 
 
 def test_list_versions_by_status_spans_models(registry: Registry) -> None:

@@ -666,6 +666,9 @@ class S3ArtifactStore:
             except FileNotFoundError:
                 _unlink(view)
                 return None
+            except BaseException:  # a full disk midway: no partial copy left behind
+                _unlink(view)
+                raise
         return view
 
     def _entry(self, upload_id: str) -> _Staged | None:

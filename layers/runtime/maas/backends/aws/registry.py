@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NoReturn
 
 from botocore.exceptions import ClientError
 
@@ -48,7 +48,7 @@ from maas.domain import (
 )
 from maas.domain.models import utcnow
 from maas.domain.names import MAX_VERSION, MODEL_NAME
-from maas.errors import Conflict, InvalidInput, NotFound, Throttled, Unavailable
+from maas.errors import Conflict, InvalidInput, ModelRejected, NotFound, Throttled, Unavailable
 from maas.ports import StoredArtifact
 
 Item = dict[str, Any]  # a DynamoDB item in the low-level client's typed form ({"S": ...}, {"N": ...})
@@ -68,6 +68,8 @@ BACKOFF_BASE_S = 0.01
 BACKOFF_CAP_S = 0.25
 RACE_BUDGET_S = 5.0  # how long allocate_version keeps retrying races it lost to writers making progress
 RACE_JITTER_S = 0.005
+#: DynamoDB refuses items over 400 KB; keep a little headroom under it (index key overhead).
+MAX_ITEM_BYTES = 400 * 1024 - 1024
 
 # Attribute names (all expressions go through ExpressionAttributeNames: several are reserved words).
 A_JSON = "json"
@@ -150,6 +152,17 @@ def _version_item(version: ModelVersion) -> Item:
         A_STATUS: _s(version.status.value),
         A_JSON: _s(version.model_dump_json()),
     }
+
+
+def _item_bytes(item: Item) -> int:
+    """What DynamoDB counts against its item size limit (an upper bound): attribute names plus
+    values, strings in UTF-8, numbers at most 21 bytes."""
+    size = 0
+    for name, value in item.items():
+        size += len(name.encode())
+        for kind, raw in value.items():
+            size += len(str(raw).encode()) if kind == "S" else 21 if kind == "N" else 1
+    return size
 
 
 def _model_of(item: Item) -> Model:
@@ -616,6 +629,8 @@ class DynamoRegistry:
             raise self._not_pending(model, version, current.status.value)
         changed = change(current)
         item = _version_item(changed)
+        if _item_bytes(item) > MAX_ITEM_BYTES and changed.status is VersionStatus.READY:
+            self._reject_oversized(model, version, changed)
         try:
             self._client.update_item(
                 TableName=self._table, Key=_version_key(model, version),
@@ -634,6 +649,18 @@ class DynamoRegistry:
                 raise _missing_version(model, version) from None
             raise self._not_pending(model, version, _str(old, A_STATUS)) from None
         return changed
+
+    def _reject_oversized(self, model: str, version: int, ready: ModelVersion) -> NoReturn:
+        """A READY record too large for one item: only the signature (its input and output names
+        come from the uploaded model) is unbounded. That is the model's fault, like any validation
+        failure: the version becomes FAILED with the reason, and ModelRejected (422) is raised."""
+        size = len(ready.signature.model_dump_json().encode()) if ready.signature is not None else 0
+        reason = (f"the model's signature is too large to record: its inputs and outputs take {size} bytes, "
+                  f"over the limit of about {MAX_ITEM_BYTES} bytes; shorten their names or use fewer of them")
+        self._finish(model, version, lambda current: current.model_copy(update={
+            "status": VersionStatus.FAILED, "status_reason": reason, "updated_at": utcnow(),
+        }))
+        raise ModelRejected(reason)
 
     @staticmethod
     def _not_pending(model: str, version: int, status: str) -> Conflict:
