@@ -25,7 +25,13 @@ from onnx import TensorProto, helper
 from maas.domain import Signature, TensorSpec
 from maas.errors import ModelRejected
 from maas.examples import example_model_path
-from maas.inference.signature import ONNX_TO_OIP, signature_from_model
+from maas.inference.signature import (
+    MAX_SIGNATURE_DIMS,
+    MAX_SIGNATURE_TENSORS,
+    MAX_TENSOR_NAME_CHARS,
+    ONNX_TO_OIP,
+    signature_from_model,
+)
 from maas.inference.validation import SubprocessValidator, inspect_model_file
 from maas.settings import Limits
 
@@ -352,6 +358,30 @@ def test_sequence_input_is_refused(tmp_path: Path) -> None:
     reason = rejected(save(tmp_path / "model.onnx", model))
     assert "'items'" in reason
     assert "sequence" in reason
+
+
+def test_signatures_too_large_to_record_are_refused(tmp_path: Path) -> None:
+    """Names and counts come from the uploader; the signature is stored with the version (a DynamoDB
+    item holds at most 400 KB), so both backends refuse the same oversize signatures up front."""
+    long_name = "x" * (MAX_TENSOR_NAME_CHARS + 1)
+    model = make_model([helper.make_node("Identity", [long_name], ["y"])],
+                       [helper.make_tensor_value_info(long_name, TensorProto.FLOAT, [1])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    reason = rejected(save(tmp_path / "long.onnx", model))
+    assert "name of 1025 characters" in reason and long_name not in reason
+    count = MAX_SIGNATURE_TENSORS // 2 + 1
+    wide = make_model([helper.make_node("Identity", [f"i{k}"], [f"o{k}"]) for k in range(count)],
+                      [helper.make_tensor_value_info(f"i{k}", TensorProto.FLOAT, [1]) for k in range(count)],
+                      [helper.make_tensor_value_info(f"o{k}", TensorProto.FLOAT, [1]) for k in range(count)])
+    assert "at most 1000 in all" in rejected(save(tmp_path / "wide.onnx", wide))
+    deep = make_model([helper.make_node("Identity", ["x"], ["y"])],
+                      [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1] * (MAX_SIGNATURE_DIMS + 1))],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1] * (MAX_SIGNATURE_DIMS + 1))])
+    assert f"rank {MAX_SIGNATURE_DIMS + 1}" in rejected(save(tmp_path / "deep.onnx", deep))
+    ok = make_model([helper.make_node("Identity", ["x" * MAX_TENSOR_NAME_CHARS], ["y"])],
+                    [helper.make_tensor_value_info("x" * MAX_TENSOR_NAME_CHARS, TensorProto.FLOAT, [1])],
+                    [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    assert inspect_model_file(save(tmp_path / "ok.onnx", ok), Limits()).inputs[0].name == "x" * 1024
 
 
 def test_model_without_inputs_is_refused(tmp_path: Path) -> None:

@@ -35,6 +35,11 @@ ONNX_TO_OIP: dict[int, str] = {
 }
 
 _MAX_NAME_CHARS = 80
+# What a registry record can hold on every backend (a DynamoDB item is at most 400 KB) and clients can
+# reasonably send: real exporters stay far below (names of ~100 characters, a few dozen tensors).
+MAX_TENSOR_NAME_CHARS = 1024
+MAX_SIGNATURE_TENSORS = 1000
+MAX_SIGNATURE_DIMS = 64
 
 
 def quote_name(name: str) -> str:
@@ -58,6 +63,9 @@ def _elem_type_name(elem_type: int) -> str:
 def _tensor_spec(value: onnx.ValueInfoProto, role: str) -> TensorSpec:
     """One graph input or output as a TensorSpec, or ModelRejected naming it and why not."""
     label = f"{role} {quote_name(value.name)}"
+    if len(value.name) > MAX_TENSOR_NAME_CHARS:
+        raise ModelRejected(f"{label} has a name of {len(value.name)} characters; at most "
+                            f"{MAX_TENSOR_NAME_CHARS} are supported")
     kind = value.type.WhichOneof("value")
     if kind != "tensor_type":
         what = {
@@ -80,6 +88,9 @@ def _tensor_spec(value: onnx.ValueInfoProto, role: str) -> TensorSpec:
         raise ModelRejected(f"{label} has no shape (unknown rank); re-export the model with shapes")
     # dim_value is 0 when the dim is symbolic (dim_param) or unknown; ONNX never means 0 by an unset
     # dim, and a literal 0-sized dim cannot carry data, so both become "dynamic" (-1).
+    if len(tensor_type.shape.dim) > MAX_SIGNATURE_DIMS:
+        raise ModelRejected(f"{label} has rank {len(tensor_type.shape.dim)}; at most {MAX_SIGNATURE_DIMS} "
+                            "dimensions are supported")
     shape = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else -1
                   for d in tensor_type.shape.dim)
     return TensorSpec(name=value.name, datatype=datatype, shape=shape)
@@ -93,8 +104,14 @@ def signature_from_model(model: onnx.ModelProto) -> Signature:
     Raises ModelRejected for inputs or outputs that maas cannot serve.
     """
     graph = model.graph
+    if len(graph.input) + len(graph.output) > MAX_SIGNATURE_TENSORS + len(graph.initializer):
+        raise ModelRejected(f"the model has {len(graph.input)} inputs and {len(graph.output)} outputs; at most "
+                            f"{MAX_SIGNATURE_TENSORS} in all are supported")
     initializers = {t.name for t in graph.initializer}
     initializers.update(s.values.name for s in graph.sparse_initializer)
     inputs = tuple(_tensor_spec(v, "input") for v in graph.input if v.name not in initializers)
     outputs = tuple(_tensor_spec(v, "output") for v in graph.output)
+    if len(inputs) + len(outputs) > MAX_SIGNATURE_TENSORS:
+        raise ModelRejected(f"the model has {len(inputs)} inputs and {len(outputs)} outputs; at most "
+                            f"{MAX_SIGNATURE_TENSORS} in all are supported")
     return Signature(inputs=inputs, outputs=outputs)
