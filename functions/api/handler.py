@@ -6,6 +6,7 @@ module (its repository is archived): replacing it touches nothing else."""
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -14,6 +15,7 @@ from mangum import Mangum
 from maas.api import create_app
 from maas.backends.aws import AwsBackend
 from maas.backends.aws.telemetry import EmfMetrics, correlation_id, get_logger, get_tracer
+from maas.errors import PayloadTooLarge
 from maas.settings import Settings
 
 SERVICE = "maas-api"
@@ -26,6 +28,8 @@ emf = EmfMetrics()
 app = create_app(backend, settings, metrics_sink=emf)
 _adapters: dict[str, Mangum] = {}
 _cold = True
+#: Lambda returns at most 6 MB (the whole proxy answer, JSON-serialized): keep room for the envelope
+MAX_RESPONSE_BYTES = 6 * 1024 * 1024 - 64 * 1024
 
 
 def base_path(event: dict[str, Any]) -> str:
@@ -59,7 +63,17 @@ def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
         emf.request(None, None, total_s=time.perf_counter() - started, cold_start=_cold)
         _cold = False
         emf.flush()  # one EMF document per model-version this invocation touched
+    if len(response.get("body") or "") > MAX_RESPONSE_BYTES:
+        response = too_large(len(response["body"]))
     request_id = correlation_id(event)
     if request_id:
         response.setdefault("headers", {})["x-request-id"] = request_id
     return response
+
+
+def too_large(size: int) -> dict[str, Any]:
+    """Past Lambda's limit the invocation fails and API Gateway answers a bare 502; say why instead."""
+    problem = PayloadTooLarge(f"the response would be {size} bytes, more than a Lambda function can return "
+                              f"({MAX_RESPONSE_BYTES}); ask for fewer items (?limit=) or a smaller batch")
+    return {"statusCode": problem.status, "isBase64Encoded": False,
+            "headers": {"content-type": "application/problem+json"}, "body": json.dumps(problem.to_problem())}

@@ -48,11 +48,17 @@ def admin(api: ModuleType) -> str:
 
 def call(module: ModuleType, fixture: str, method: str, path: str, token: str | None, *, body: Any = None,
          content_type: str = "application/json", binary: bytes | None = None) -> tuple[int, dict[str, str], bytes]:
-    """One request through the handler; returns status, lower-cased headers and the raw body."""
+    """One request through the handler; returns status, lower-cased headers and the raw body.
+    A query string in ``path`` goes where API Gateway puts it (v2 ``rawQueryString``, v1 parameters)."""
+    path, _, query = path.partition("?")
     raw = binary if binary is not None else b"" if body is None else orjson.dumps(body)
     event = api_event(fixture, token=token, body=raw, path=path, method=method,
                       headers={"Content-Type": content_type if raw else None,
                                "Authorization": None if token is None else f"Bearer {token}"})
+    if query and event.get("version") == "2.0":
+        event["rawQueryString"] = query
+    elif query:
+        event["queryStringParameters"] = dict(part.split("=", 1) for part in query.split("&"))
     if binary is not None and not event.get("isBase64Encoded"):
         event["body"], event["isBase64Encoded"] = base64.b64encode(raw).decode("ascii"), True
     answer = module.handler(event, LambdaContext(function_name="maas-api"))
@@ -176,3 +182,16 @@ def test_aws_throttles_and_outages_are_429_or_503_with_retry_after(
     assert answer == status and headers["content-type"] == PROBLEM, body
     assert int(headers["retry-after"]) >= 1
     assert "Traceback" not in body.decode() and TEST_TABLE not in body.decode()
+
+
+def test_response_over_lambdas_limit_is_a_clear_413(api: ModuleType, admin: str,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    for index in range(3):
+        call(api, "v2_http_json_infer_prod", "POST", "/models", admin, body={"name": f"m{index}",
+                                                                             "description": "d" * 500})
+    full = call(api, "v2_http_json_infer_prod", "GET", "/models", admin)
+    monkeypatch.setattr(api, "MAX_RESPONSE_BYTES", len(full[2]) - 1)  # a page just over the limit
+    status, headers, body = call(api, "v2_http_json_infer_prod", "GET", "/models", admin)
+    assert status == 413 and headers["content-type"] == PROBLEM and headers["x-request-id"]
+    assert "limit" in json.loads(body)["detail"]
+    assert call(api, "v2_http_json_infer_prod", "GET", "/models?limit=1", admin)[0] == 200
