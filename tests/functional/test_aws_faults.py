@@ -22,8 +22,7 @@ from maas.services.deployments import DeploymentService
 from maas.services.invariants import check_invariants
 from maas.services.models import ModelService
 from maas.settings import Settings
-from tests.functional.test_invariants import InProcessValidator
-from tests.models import scale_model
+from tests.models import InProcessValidator, scale_model
 
 NOT_CALLS = {"meta", "exceptions", "generate_presigned_url", "can_paginate", "get_waiter"}
 

@@ -18,9 +18,8 @@ from maas.services.invariants import check_invariants
 from maas.services.models import ModelService
 from maas.settings import Limits, Settings
 from tests.conftest import TEST_BUCKET, TEST_TABLE
-from tests.functional.test_invariants import InProcessValidator
 from tests.functions import LambdaContext, load_handler
-from tests.models import scale_model
+from tests.models import InProcessValidator, scale_model
 
 TTL_S = 1
 

@@ -27,9 +27,8 @@ import tritonclient.http as triton
 
 from maas.backends.aws import AwsBackend
 from maas.backends.local import LocalBackend
-from maas.domain import Signature, UploadPlan
+from maas.domain import UploadPlan
 from maas.examples import EXAMPLE_REQUEST, example_model_path
-from maas.inference.validation import inspect_model_file
 from maas.services.aliases import AliasService
 from maas.services.deployments import DeploymentService
 from maas.services.models import ModelService
@@ -37,7 +36,7 @@ from maas.services.tokens import TokenService
 from maas.settings import Limits, Settings
 from tests.conftest import TEST_BUCKET, TEST_TABLE
 from tests.functions import REPO, LambdaContext, api_event, load_handler
-from tests.models import scale_model
+from tests.models import InProcessValidator, scale_model
 
 PROBLEM = "application/problem+json"
 IRIS = example_model_path().read_bytes()
@@ -45,16 +44,6 @@ FEATURES = np.array(EXAMPLE_REQUEST["inputs"][0]["data"], dtype=np.float32)
 JSON_BODY = orjson.dumps(EXAMPLE_REQUEST)
 JSON_FIXTURES = ["v1_rest_json_infer_prod", "v2_http_json_infer_prod", "v2_http_json_infer_default"]
 BINARY_FIXTURES = ["v1_rest_binary_infer_prod", "v2_http_binary_infer_prod", "v2_http_binary_infer_default"]
-
-
-class InProcessValidator:
-    """The real validation checks without the sandbox child process (seconds saved per push)."""
-
-    def __init__(self, limits: Limits):
-        self._limits = limits
-
-    def validate(self, path: Path) -> Signature:
-        return inspect_model_file(path, self._limits)
 
 
 @dataclass

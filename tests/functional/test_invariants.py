@@ -19,24 +19,13 @@ import pytest
 from maas.backends.local import LocalBackend
 from maas.domain import UploadPlan, VersionStatus
 from maas.errors import MaasError
-from maas.inference.validation import inspect_model_file
 from maas.ports import ArtifactStore, Registry
 from maas.services.cleanup import CleanupService
 from maas.services.deployments import DeploymentService
 from maas.services.invariants import check_invariants
 from maas.services.models import ModelService
 from maas.settings import Settings
-from tests.models import scale_model
-
-
-class InProcessValidator:
-    """The real validation checks without the sandbox process, to keep hundreds of runs fast."""
-
-    def __init__(self, settings: Settings):
-        self._limits = settings.limits
-
-    def validate(self, path: Path) -> Any:
-        return inspect_model_file(path, self._limits)
+from tests.models import InProcessValidator, scale_model
 
 
 def fast_backend(home: Path) -> LocalBackend:

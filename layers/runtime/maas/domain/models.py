@@ -150,6 +150,22 @@ class Deployment(Frozen):
         event = DeploymentEvent(at=now, kind=kind, detail=detail)
         return self.model_copy(update={**changes, "events": (*self.events, event), "updated_at": now})
 
+    def live_route(self) -> Route | None:
+        """Where requests go while this deployment is the model's live one (the newest IN_PROGRESS,
+        else the newest SUCCEEDED: choosing it is the registry's job, this is the rest)."""
+        if self.status is DeploymentStatus.SUCCEEDED:
+            stable = self.stable_version if self.stable_version is not None else self.version
+            return Route(model=self.model, stable_version=stable, deployment_id=self.id)
+        if self.stable_version is None:
+            # A first deploy in flight: nothing serves until it is promoted, unless it already shifts
+            # traffic to a canary, which then takes all of it (there is nothing else to send it to).
+            if self.canary_version is None or self.canary_weight <= 0:
+                return None
+            return Route(model=self.model, stable_version=self.canary_version, deployment_id=self.id)
+        canary = self.canary_version
+        return Route(model=self.model, stable_version=self.stable_version, canary_version=canary,
+                     canary_weight=self.canary_weight if canary is not None else 0.0, deployment_id=self.id)
+
     def referenced_versions(self) -> set[int]:
         refs = {self.version}
         if self.stable_version is not None:

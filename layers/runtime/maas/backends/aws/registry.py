@@ -888,7 +888,7 @@ class DynamoRegistry:
             deployment = self._latest_succeeded(model)
         if deployment is None:
             return None
-        return _route(model, deployment)
+        return deployment.live_route()
 
     def _latest_succeeded(self, model: str) -> Deployment | None:
         found = self._partition(model, DEPLOYMENT_PREFIX, ScanIndexForward=False, page_size=25,
@@ -949,29 +949,6 @@ class DynamoRegistry:
                 raise
             raise missing from None
         return revoked
-
-
-def _route(model: str, deployment: Deployment) -> Route | None:
-    """Where requests go for this live deployment (same rules as the SQLite registry)."""
-    if deployment.status is DeploymentStatus.SUCCEEDED:
-        stable = deployment.stable_version
-        if stable is None:
-            stable = deployment.version
-        return Route(model=model, stable_version=stable, deployment_id=deployment.id)
-    if deployment.stable_version is None:
-        # A first deploy in flight: nothing serves until it is promoted, unless it already shifts
-        # traffic to a canary, which then takes all of it (there is nothing else to send it to).
-        if deployment.canary_version is None or deployment.canary_weight <= 0:
-            return None
-        return Route(model=model, stable_version=deployment.canary_version, deployment_id=deployment.id)
-    canary = deployment.canary_version
-    return Route(
-        model=model,
-        stable_version=deployment.stable_version,
-        canary_version=canary,
-        canary_weight=deployment.canary_weight if canary is not None else 0.0,
-        deployment_id=deployment.id,
-    )
 
 
 __all__ = ["DynamoRegistry"]

@@ -538,26 +538,7 @@ class SqliteRegistry:
                 ).fetchone()
         if row is None:
             return None
-        deployment = _deployment_from_row(row)
-        if deployment.status is DeploymentStatus.SUCCEEDED:
-            stable = deployment.stable_version
-            if stable is None:
-                stable = deployment.version
-            return Route(model=model, stable_version=stable, deployment_id=deployment.id)
-        if deployment.stable_version is None:
-            # A first deploy in flight: nothing serves until it is promoted, unless it already shifts
-            # traffic to a canary, which then takes all of it (there is nothing else to send it to).
-            if deployment.canary_version is None or deployment.canary_weight <= 0:
-                return None
-            return Route(model=model, stable_version=deployment.canary_version, deployment_id=deployment.id)
-        canary = deployment.canary_version
-        return Route(
-            model=model,
-            stable_version=deployment.stable_version,
-            canary_version=canary,
-            canary_weight=deployment.canary_weight if canary is not None else 0.0,
-            deployment_id=deployment.id,
-        )
+        return _deployment_from_row(row).live_route()
 
     # --- tokens ------------------------------------------------------------------------------------
     def create_token(self, token: Token) -> Token:
