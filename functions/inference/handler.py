@@ -39,7 +39,6 @@ from maas.backends.aws.telemetry import EmfMetrics, correlation_id, get_logger, 
 from maas.domain import ModelVersion, Scope, Token, VersionStatus
 from maas.errors import (
     BadRequest,
-    Forbidden,
     InvalidInput,
     MaasError,
     NotFound,
@@ -48,12 +47,12 @@ from maas.errors import (
     StorageCorrupted,
     Throttled,
     Unavailable,
-    UnsupportedMediaType,
 )
 from maas.inference.artifact_cache import DiskArtifactCache
 from maas.inference.codec import decode_request, encode_response
 from maas.inference.engine import InferenceEngine
 from maas.ports import Backend
+from maas.protocol.http_rules import mutation_problem
 from maas.protocol.oip import BINARY_HEADER, EXTENSIONS, VERSION_HEADER
 from maas.services.invariants import artifact_of
 from maas.services.models import ModelService
@@ -76,9 +75,6 @@ JSON = "application/json"
 PROBLEM_JSON = "application/problem+json"
 OCTET_STREAM = "application/octet-stream"
 REQUEST_ID_HEADER = "X-Request-Id"
-MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
-JSON_TYPES = frozenset({JSON})
-INFER_TYPES = frozenset({JSON, OCTET_STREAM})
 INTERNAL_DETAIL = "the server failed to process the request; it has been logged"
 
 # The path rules of maas.api.deps (ModelName, VersionRef), checked the way FastAPI reports them.
@@ -224,33 +220,15 @@ def parse_event(event: Mapping[str, Any], max_bytes: int) -> HttpRequest:
                        headers=_headers(event), body=body)
 
 
-def _media_type(value: str | None) -> str | None:
-    if value is None:
-        return None
-    return value.split(";", 1)[0].strip().lower() or None
-
-
-def _same_origin(origin: str, host: str) -> bool:
-    _, _, rest = origin.lower().partition("://")
-    return bool(rest) and rest.rstrip("/") == host.lower()
-
-
 def guard(request: HttpRequest, max_bytes: int) -> None:
-    """``maas.api.guard.RequestGuard`` for events: cross-origin mutations, content types, body cap,
-    checked before routing and auth, with the same answers."""
+    """``maas.api.guard.RequestGuard`` for events: cross-origin mutations and content types (the same
+    ``maas.protocol.http_rules``), then the body cap, checked before routing and auth."""
     headers = request.headers
-    if request.method in MUTATING:
-        origin = headers.get("origin")
-        if origin is not None and not _same_origin(origin, headers.get("host", "")):
-            raise Forbidden("cross-origin requests are not accepted")
-        media = _media_type(headers.get("content-type"))
-        is_infer = request.path.endswith("/infer")
-        allowed = INFER_TYPES if is_infer else JSON_TYPES
-        if media is None and request.body and not is_infer:
-            raise UnsupportedMediaType(f"send the body with Content-Type: {sorted(allowed)[0]}")
-        if media is not None and media not in allowed:
-            raise UnsupportedMediaType(
-                f"Content-Type {media!r} is not accepted here; use {' or '.join(sorted(allowed))}")
+    refused = mutation_problem(request.method, request.path, origin=headers.get("origin"),
+                               host=headers.get("host", ""), content_type=headers.get("content-type"),
+                               has_body=bool(request.body))
+    if refused is not None:
+        raise refused
     if len(request.body) > max_bytes:
         raise PayloadTooLarge(f"the body exceeds the {max_bytes}-byte limit")
 

@@ -1,9 +1,8 @@
 """Request guard (pure ASGI, runs before routing): body caps, content types, Host and Origin.
 
-Browsers can send "simple" cross-site requests (text/plain, forms) without a CORS preflight, and DNS
-rebinding lets a page talk to 127.0.0.1 under a foreign Host name (MLflow CVE-2023-43472,
-CVE-2025-14279). So mutations must be JSON (or raw bytes where bytes are expected), a foreign Origin
-is refused, and the local server only answers to the Host names it is bound to."""
+The content-type and Origin rules are ``maas.protocol.http_rules`` (shared with the inference Lambda).
+DNS rebinding lets a page talk to 127.0.0.1 under a foreign Host name (MLflow CVE-2025-14279), so the
+local server also answers only to the Host names it is bound to."""
 
 from __future__ import annotations
 
@@ -15,21 +14,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from maas.api.problems import PROBLEM_JSON
 from maas.errors import PayloadTooLarge
-
-MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
-JSON_TYPES = frozenset({"application/json"})
-BYTES_TYPES = frozenset({"application/octet-stream"})
-INFER_TYPES = JSON_TYPES | BYTES_TYPES
+from maas.protocol.http_rules import MUTATING, is_upload, mutation_problem
 
 
 class BodyTooLarge(PayloadTooLarge):
     """Raised while streaming a body without Content-Length; the app's MaasError handler answers 413."""
-
-
-def _media_type(value: bytes | None) -> str | None:
-    if value is None:
-        return None
-    return value.split(b";", 1)[0].strip().lower().decode("latin-1") or None
 
 
 def _host_name(host: str) -> str:
@@ -59,23 +48,17 @@ class RequestGuard:
             if _host_name(host) not in self.allowed_hosts:
                 await _problem(send, 403, "Forbidden", "this server does not answer to that Host name")
                 return
-        is_upload = path.startswith("/uploads/")
-        cap = self.max_upload_bytes if is_upload else self.max_request_bytes
+        cap = self.max_upload_bytes if is_upload(path) else self.max_request_bytes
         if method in MUTATING:
-            origin = headers.get(b"origin")
-            if origin is not None and not _same_origin(origin.decode("latin-1"), headers):
-                await _problem(send, 403, "Forbidden", "cross-origin requests are not accepted")
-                return
-            media = _media_type(headers.get(b"content-type"))
-            allowed = BYTES_TYPES if is_upload else INFER_TYPES if path.endswith("/infer") else JSON_TYPES
             has_body = headers.get(b"content-length", b"0") != b"0" or b"transfer-encoding" in headers
-            if media is None and (is_upload or (has_body and not path.endswith("/infer"))):
-                await _problem(send, 415, "Unsupported media type",
-                               f"send the body with Content-Type: {sorted(allowed)[0]}")
-                return
-            if media is not None and media not in allowed:
-                await _problem(send, 415, "Unsupported media type",
-                               f"Content-Type {media!r} is not accepted here; use {' or '.join(sorted(allowed))}")
+            origin = headers.get(b"origin")
+            content_type = headers.get(b"content-type")
+            refused = mutation_problem(
+                method, path, origin=None if origin is None else origin.decode("latin-1"),
+                host=headers.get(b"host", b"").decode("latin-1"),
+                content_type=None if content_type is None else content_type.decode("latin-1"), has_body=has_body)
+            if refused is not None:
+                await _problem(send, refused.status, refused.title, refused.detail)
                 return
         declared = headers.get(b"content-length")
         if declared is not None:
@@ -118,12 +101,6 @@ class RequestGuard:
                 await _problem(send, 413, "Payload too large", f"the body exceeds the {cap}-byte limit")
 
         await self.app(scope, capped_receive, guarded_send)
-
-
-def _same_origin(origin: str, headers: dict[bytes, bytes]) -> bool:
-    host = headers.get(b"host", b"").decode("latin-1").lower()
-    _, _, rest = origin.lower().partition("://")
-    return bool(rest) and rest.rstrip("/") == host
 
 
 async def _problem(send: Send, status: int, title: str, detail: str) -> None:
