@@ -50,3 +50,20 @@ def failing_model() -> bytes:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     return model.SerializeToString()
+
+
+def large_model(factor: float = 2.0) -> bytes:
+    """A valid ONNX model over 5 MiB (S3's smallest multipart part): y = x * sum(w) over FP32
+    [batch, 4], with a 6.4 MB initializer ``w`` whose sum is ``factor``."""
+    weights = np.zeros(1_600_000, dtype=np.float32)
+    weights[0] = factor
+    graph = helper.make_graph(
+        [helper.make_node("ReduceSum", ["w"], ["k"], keepdims=0), helper.make_node("Mul", ["x", "k"], ["y"])],
+        "big",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+        initializer=[numpy_helper.from_array(weights, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString()

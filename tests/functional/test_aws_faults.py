@@ -9,6 +9,7 @@ import hashlib
 import io
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import boto3
 import pytest
@@ -20,10 +21,11 @@ from maas.errors import Conflict, NotFound, Throttled, Unavailable
 from maas.services.cleanup import CleanupService
 from maas.services.deployments import DeploymentService
 from maas.services.invariants import check_invariants
-from maas.services.models import ModelService
+from maas.services.models import MIN_PART_BYTES, ModelService
 from maas.settings import Settings
-from tests.models import InProcessValidator, scale_model
+from tests.models import InProcessValidator, large_model, scale_model
 
+LARGE = large_model(3.0)
 NOT_CALLS = {"meta", "exceptions", "generate_presigned_url", "can_paginate", "get_waiter"}
 
 
@@ -88,6 +90,26 @@ def push(models: ModelService, backend: AwsBackend, name: str, data: bytes) -> i
     return models.commit_version(name, pending.version.version, sha256=digest, size=len(data)).version
 
 
+def push_multipart(models: ModelService, bucket: str, name: str, data: bytes) -> int:
+    """Like ``Client.push`` above 5 MiB: a multipart plan, the parts sent straight to S3 by the client
+    (its own S3 connection, which the faults do not touch: they are the server's), then the commit,
+    which completes the multipart upload through the server's (faulty) client."""
+    from maas.backends.aws.artifacts import upload_key
+    from maas.domain import UploadPlan
+
+    part = MIN_PART_BYTES
+    hashes = tuple(hashlib.sha256(data[i:i + part]).hexdigest() for i in range(0, len(data), part))
+    digest = hashlib.sha256(data).hexdigest()
+    pending = models.begin_version(name, plan=UploadPlan(size=len(data), sha256=digest, part_size=part,
+                                                         part_sha256=hashes))
+    client = boto3.client("s3")
+    for target in pending.upload.parts:
+        query = parse_qs(urlsplit(target.url).query)
+        client.upload_part(Bucket=bucket, Key=upload_key(pending.upload.upload_id), UploadId=query["uploadId"][0],
+                           PartNumber=target.number, Body=data[(target.number - 1) * part:target.number * part])
+    return models.commit_version(name, pending.version.version, sha256=digest, size=len(data)).version
+
+
 def scenario(backend: AwsBackend) -> None:
     models = ModelService(backend.registry, backend.artifacts, backend.validator, backend.settings.limits)
     deployments = DeploymentService(backend.registry, models)
@@ -98,7 +120,7 @@ def scenario(backend: AwsBackend) -> None:
     deployments.deploy("m", first)
     deployments.deploy("m", second)
     deployments.rollback("m")
-    third = push(models, backend, "m", scale_model(3.0))
+    third = push_multipart(models, backend.bucket, "m", LARGE)
     models.delete_version("m", third)
     models.delete_model("m", force=True)
 

@@ -31,7 +31,6 @@ import numpy as np
 import pytest
 import uvicorn
 from botocore.config import Config
-from onnx import TensorProto, helper, numpy_helper
 
 from maas.backends.aws.artifacts import S3ArtifactStore, full_object_sha256
 from maas.backends.aws.table import create_table
@@ -42,6 +41,7 @@ from maas.errors import Conflict
 from maas.examples import EXAMPLE_REQUEST, example_model_path
 from maas.settings import Limits, Settings
 from tests.conftest import TEST_BUCKET, TEST_TABLE
+from tests.models import large_model
 
 MiB = 1024 * 1024
 PART = 5 * MiB  # S3's smallest part
@@ -186,19 +186,8 @@ def api(moto: Moto, tmp_path: Path) -> Iterator[tuple[str, str]]:
 
 
 def big_model(path: Path, factor: float = 2.0) -> bytes:
-    """A valid ONNX model over 5 MiB: y = x * sum(w) with a 6.4 MB initializer ``w`` (sum = factor)."""
-    weights = np.zeros(1_600_000, dtype=np.float32)
-    weights[0] = factor
-    graph = helper.make_graph(
-        [helper.make_node("ReduceSum", ["w"], ["k"], keepdims=0), helper.make_node("Mul", ["x", "k"], ["y"])],
-        "big",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
-        initializer=[numpy_helper.from_array(weights, "w")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    data = model.SerializeToString()
+    """A valid ONNX model over 5 MiB, written to ``path`` (see ``tests.models.large_model``)."""
+    data = large_model(factor)
     path.write_bytes(data)
     return data
 
@@ -267,3 +256,70 @@ def test_client_push_single_and_multipart_end_to_end(api: tuple[str, str], moto:
     assert keys[:2] == ["models/big/1/model.onnx", "models/iris/1/model.onnx"]  # committed uploads are gone
     assert len(keys) == 4 and all(key.startswith("uploads/") for key in keys[2:])  # the refused one (cleanup's)
     assert s3.list_multipart_uploads(Bucket=TEST_BUCKET).get("Uploads", []) == []
+
+
+def test_cli_style_push_through_the_api_lambda_is_served_by_the_inference_lambda(
+        moto: Moto, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The whole AWS path with real HTTP where a client uses it: the API Lambda (Mangum) hands out a
+    presigned multipart upload, the parts go to S3 over HTTP exactly as ``Client.push`` sends them,
+    the API Lambda commits and deploys, and the inference Lambda (another container) serves it."""
+    import base64
+    import json
+
+    import orjson
+
+    from tests.functions import LambdaContext, api_event, load_handler
+
+    create_table(moto.client("dynamodb"), TEST_TABLE)
+    for name, value in {"MAAS_BUCKET": TEST_BUCKET, "MAAS_TABLE": TEST_TABLE, "MAAS_AWS_ENDPOINT_URL": moto.url,
+                        "MAAS_HOME": str(tmp_path / "home"),
+                        "MAAS_ARTIFACT_CACHE_DIR": str(tmp_path / "cache")}.items():
+        monkeypatch.setenv(name, value)
+    api = load_handler("api", "maas_fn_api_presigned")
+    from maas.services.tokens import TokenService
+
+    admin = TokenService(api.backend.registry).create("operator", ["admin"])[1]
+
+    def management(method: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        event = api_event("v2_http_json_infer_prod", token=admin, body=orjson.dumps(body), path=path,
+                          method=method)
+        answer = api.handler(event, LambdaContext(function_name="maas-api"))
+        assert answer["statusCode"] in (200, 201), answer["body"]
+        payload = base64.b64decode(answer["body"]) if answer["isBase64Encoded"] else answer["body"]
+        result: dict[str, Any] = json.loads(payload)
+        return result
+
+    data = big_model(tmp_path / "big.onnx", factor=3.0)
+    plan = multipart_plan(data)
+    management("POST", "/models", {"name": "big"})
+    created = management("POST", "/models/big/versions", {
+        "size": plan.size, "sha256": plan.sha256, "part_size": plan.part_size, "part_sha256": list(plan.part_sha256)})
+    target = created["upload"]
+    assert target["url"] is None and len(target["parts"]) == len(plan.part_sha256) == 2
+    for part in target["parts"]:
+        start = (part["number"] - 1) * PART
+        assert put(part["url"], data[start:start + PART], part["headers"]).status_code == 200
+    version = created["version"]["version"]
+    committed = management("POST", f"/models/big/versions/{version}/commit", {"sha256": plan.sha256,
+                                                                               "size": plan.size})
+    assert committed["status"] == "READY" and committed["sha256"] == plan.sha256
+    assert management("POST", "/models/big/deployments", {"version": version})["status"] == "SUCCEEDED"
+    invoke = management("POST", "/tokens", {"name": "app", "scopes": ["invoke"]})["token"]
+
+    inference = load_handler("inference", "maas_fn_inference_presigned")
+    features = np.arange(4, dtype=np.float32).reshape(1, 4)
+    request = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": features.ravel().tolist()}]}
+    answer = inference.handler(api_event("v2_http_json_infer_default", model="big", token=invoke,
+                                         body=orjson.dumps(request)), LambdaContext())
+    assert answer["statusCode"] == 200, answer["body"]
+    outputs = json.loads(answer["body"])["outputs"]
+    expected = ort_run(data, features)
+    np.testing.assert_allclose(np.array(outputs[0]["data"], dtype=np.float32).reshape(expected.shape), expected)
+
+
+def ort_run(model: bytes, features: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model)
+    result: np.ndarray = session.run(None, {session.get_inputs()[0].name: features})[0]
+    return result
