@@ -20,14 +20,10 @@ treat such a model as gone until a (repeated) delete_model finishes the job.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, NoReturn
 
 from botocore.exceptions import ClientError
@@ -50,6 +46,7 @@ from maas.domain.models import utcnow
 from maas.domain.names import MAX_VERSION, MODEL_NAME
 from maas.errors import Conflict, InvalidInput, ModelRejected, NotFound, Throttled, Unavailable
 from maas.ports import StoredArtifact
+from maas.services.cursors import bad_cursor, decode_cursor, encode_cursor, utc_iso
 
 Item = dict[str, Any]  # a DynamoDB item in the low-level client's typed form ({"S": ...}, {"N": ...})
 
@@ -185,49 +182,20 @@ def _token_of(item: Item) -> Token:
     return Token.model_validate_json(_str(item, A_JSON))
 
 
-def _iso(value: datetime) -> str:
-    """ISO-8601 in UTC (naive datetimes are taken as UTC), for ordering like the SQLite registry."""
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=UTC)
-    return value.astimezone(UTC).isoformat()
-
-
 # --- cursors ------------------------------------------------------------------------------------------
-def _encode_cursor(kind: str, value: str | int) -> str:
-    raw = json.dumps([kind, value], separators=(",", ":")).encode()
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
-
-
-def _decode(cursor: str, kind: str) -> object:
-    invalid = _bad_cursor()
-    if not isinstance(cursor, str) or not cursor or len(cursor) > 512 or not cursor.isascii():
-        raise invalid
-    try:
-        decoded = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-    except (binascii.Error, ValueError):
-        raise invalid from None
-    if not isinstance(decoded, list) or len(decoded) != 2 or decoded[0] != kind:
-        raise invalid
-    return decoded[1]
-
-
-def _bad_cursor() -> InvalidInput:
-    return InvalidInput("cursor is not valid; pass the next_cursor of the previous page", field="cursor")
-
-
 def _decode_name_cursor(cursor: str, kind: str) -> str:
     """A name cursor must be a valid model name: it becomes a key condition value."""
-    value = _decode(cursor, kind)
+    value = decode_cursor(cursor, kind)
     if not isinstance(value, str) or not MODEL_NAME.fullmatch(value):
-        raise _bad_cursor()
+        raise bad_cursor()
     return value
 
 
 def _decode_int_cursor(cursor: str, kind: str, highest: int) -> int:
     """A number cursor must fit the zero-padded sort keys it becomes part of."""
-    value = _decode(cursor, kind)
+    value = decode_cursor(cursor, kind)
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= highest:
-        raise _bad_cursor()
+        raise bad_cursor()
     return value
 
 
@@ -457,7 +425,7 @@ class DynamoRegistry:
             items.append(_model_of(item))
             if len(items) > limit:
                 break
-        next_cursor = _encode_cursor("models", items[limit - 1].name) if len(items) > limit else None
+        next_cursor = encode_cursor("models", items[limit - 1].name) if len(items) > limit else None
         return Page[Model](items=items[:limit], next_cursor=next_cursor)
 
     @translated(WHAT)
@@ -589,7 +557,7 @@ class DynamoRegistry:
             items.append(_version_of(item))
             if len(items) > limit:
                 break
-        next_cursor = _encode_cursor("versions", items[limit - 1].version) if len(items) > limit else None
+        next_cursor = encode_cursor("versions", items[limit - 1].version) if len(items) > limit else None
         return Page[ModelVersion](items=items[:limit], next_cursor=next_cursor)
 
     @translated(WHAT)
@@ -863,7 +831,7 @@ class DynamoRegistry:
             items.append(_deployment_of(item))
             if len(items) > limit:
                 break
-        next_cursor = _encode_cursor("deployments", items[limit - 1].seq) if len(items) > limit else None
+        next_cursor = encode_cursor("deployments", items[limit - 1].seq) if len(items) > limit else None
         return Page[Deployment](items=items[:limit], next_cursor=next_cursor)
 
     @translated(WHAT)
@@ -925,7 +893,7 @@ class DynamoRegistry:
     @translated(WHAT)
     def list_tokens(self) -> list[Token]:
         tokens = [_token_of(item) for item in self._index(TOKENS)]
-        return sorted(tokens, key=lambda token: (_iso(token.created_at), token.id))
+        return sorted(tokens, key=lambda token: (utc_iso(token.created_at), token.id))
 
     @translated(WHAT)
     def revoke_token(self, token_id: str) -> Token:

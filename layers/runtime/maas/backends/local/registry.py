@@ -9,8 +9,6 @@ more than one statement run in a deferred transaction, which gives them one cons
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import os
 import sqlite3
@@ -18,7 +16,6 @@ import threading
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +35,7 @@ from maas.domain.models import utcnow
 from maas.domain.names import MAX_VERSION
 from maas.errors import Conflict, InvalidInput, NotFound, Unavailable
 from maas.ports import StoredArtifact
+from maas.services.cursors import bad_cursor, decode_cursor, encode_cursor, utc_iso
 
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_S = 30.0
@@ -108,32 +106,13 @@ _VERSION_COLUMNS = (
 assert set(_VERSION_COLUMNS) == set(ModelVersion.model_fields), "versions table out of date"
 
 
-def _iso(value: datetime) -> str:
-    """ISO-8601 in UTC (naive datetimes are taken as UTC)."""
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=UTC)
-    return value.astimezone(UTC).isoformat()
-
-
-def _encode_cursor(kind: str, value: str | int) -> str:
-    raw = json.dumps([kind, value], separators=(",", ":")).encode()
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
-
-
 def _decode_cursor(cursor: str, kind: str, expected: type) -> Any:
-    invalid = InvalidInput("cursor is not valid; pass the next_cursor of the previous page", field="cursor")
-    if not isinstance(cursor, str) or not cursor or len(cursor) > 512 or not cursor.isascii():
-        raise invalid
-    try:
-        decoded = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-    except (binascii.Error, ValueError):
-        raise invalid from None
-    if (not isinstance(decoded, list) or len(decoded) != 2 or decoded[0] != kind
-            or isinstance(decoded[1], bool) or not isinstance(decoded[1], expected)):
-        raise invalid
-    if isinstance(decoded[1], int) and not 0 <= decoded[1] < 2**62:  # SQLite integers are 64-bit
-        raise invalid
-    return decoded[1]
+    value = decode_cursor(cursor, kind)
+    if isinstance(value, bool) or not isinstance(value, expected):
+        raise bad_cursor()
+    if isinstance(value, int) and not 0 <= value < 2**62:  # SQLite integers are 64-bit
+        raise bad_cursor()
+    return value
 
 
 def _model_from_row(row: sqlite3.Row) -> Model:
@@ -152,8 +131,8 @@ def _version_values(version: ModelVersion) -> dict[str, Any]:
     data = version.model_dump(mode="json")
     if data["signature"] is not None:
         data["signature"] = json.dumps(data["signature"], separators=(",", ":"))
-    data["created_at"] = _iso(version.created_at)
-    data["updated_at"] = _iso(version.updated_at)
+    data["created_at"] = utc_iso(version.created_at)
+    data["updated_at"] = utc_iso(version.updated_at)
     return {column: data[column] for column in _VERSION_COLUMNS}
 
 
@@ -294,7 +273,7 @@ class SqliteRegistry:
             tx.execute(
                 "INSERT INTO models (name, description, tags, created_at, created_by, next_version) "
                 "VALUES (?, ?, ?, ?, ?, 1)",
-                (model.name, model.description, json.dumps(model.tags), _iso(model.created_at),
+                (model.name, model.description, json.dumps(model.tags), utc_iso(model.created_at),
                  model.created_by),
             )
         return model
@@ -312,7 +291,7 @@ class SqliteRegistry:
             "SELECT * FROM models WHERE name > ? ORDER BY name LIMIT ?", (after, limit + 1)
         ).fetchall()
         items = [_model_from_row(row) for row in rows[:limit]]
-        next_cursor = _encode_cursor("models", items[-1].name) if len(rows) > limit else None
+        next_cursor = encode_cursor("models", items[-1].name) if len(rows) > limit else None
         return Page[Model](items=items, next_cursor=next_cursor)
 
     def delete_model(self, name: str) -> list[ModelVersion]:
@@ -364,7 +343,7 @@ class SqliteRegistry:
                 (model, before, limit + 1),
             ).fetchall()
         items = [_version_from_row(row) for row in rows[:limit]]
-        next_cursor = _encode_cursor("versions", items[-1].version) if len(rows) > limit else None
+        next_cursor = encode_cursor("versions", items[-1].version) if len(rows) > limit else None
         return Page[ModelVersion](items=items, next_cursor=next_cursor)
 
     def list_versions_by_status(self, status: str) -> list[ModelVersion]:
@@ -429,7 +408,7 @@ class SqliteRegistry:
                 "INSERT INTO aliases (model, alias, version, updated_at) VALUES (?, ?, ?, ?) "
                 "ON CONFLICT (model, alias) DO UPDATE SET version = excluded.version, "
                 "updated_at = excluded.updated_at",
-                (model, alias, version, _iso(record.updated_at)),
+                (model, alias, version, utc_iso(record.updated_at)),
             )
         return record
 
@@ -522,7 +501,7 @@ class SqliteRegistry:
                 (model, before, limit + 1),
             ).fetchall()
         items = [_deployment_from_row(row) for row in rows[:limit]]
-        next_cursor = _encode_cursor("deployments", items[-1].seq) if len(rows) > limit else None
+        next_cursor = encode_cursor("deployments", items[-1].seq) if len(rows) > limit else None
         return Page[Deployment](items=items, next_cursor=next_cursor)
 
     def get_route(self, model: str) -> Route | None:
@@ -548,7 +527,7 @@ class SqliteRegistry:
             if clash is not None:
                 raise Conflict("a token with this id or secret already exists")
             tx.execute("INSERT INTO tokens (id, token_hash, created_at, json) VALUES (?, ?, ?, ?)",
-                       (token.id, token.token_hash, _iso(token.created_at), token.model_dump_json()))
+                       (token.id, token.token_hash, utc_iso(token.created_at), token.model_dump_json()))
         return token
 
     def find_token(self, token_hash: str) -> Token | None:
