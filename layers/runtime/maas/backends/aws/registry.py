@@ -24,7 +24,7 @@ import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 from botocore.exceptions import ClientError
 
@@ -50,6 +50,7 @@ from maas.services.cursors import bad_cursor, decode_cursor, encode_cursor, utc_
 
 Item = dict[str, Any]  # a DynamoDB item in the low-level client's typed form ({"S": ...}, {"N": ...})
 
+T = TypeVar("T")
 WHAT = "the registry"
 META = "META"
 MODELS = "MODELS"
@@ -549,16 +550,9 @@ class DynamoRegistry:
 
     @translated(WHAT)
     def list_versions(self, model: str, limit: int, cursor: str | None) -> Page[ModelVersion]:
-        limit = self._clamp(limit)
-        before = _decode_int_cursor(cursor, "versions", MAX_VERSION) if cursor else MAX_VERSION + 1
-        self._live_meta(model)
-        items: list[ModelVersion] = []
-        for item in self._between(model, _version_sk(0), _version_sk(before - 1), limit + 1):
-            items.append(_version_of(item))
-            if len(items) > limit:
-                break
-        next_cursor = encode_cursor("versions", items[limit - 1].version) if len(items) > limit else None
-        return Page[ModelVersion](items=items[:limit], next_cursor=next_cursor)
+        numbers = self._newest_first(model, "versions", _version_sk, MAX_VERSION, limit, cursor)
+        items = [_version_of(item) for item in numbers]
+        return self._page(items, limit, "versions", lambda version: version.version)
 
     @translated(WHAT)
     def list_versions_by_status(self, status: str) -> list[ModelVersion]:
@@ -823,16 +817,28 @@ class DynamoRegistry:
 
     @translated(WHAT)
     def list_deployments(self, model: str, limit: int, cursor: str | None) -> Page[Deployment]:
+        found = self._newest_first(model, "deployments", _deployment_sk, MAX_SEQ, limit, cursor)
+        items = [_deployment_of(item) for item in found]
+        return self._page(items, limit, "deployments", lambda deployment: deployment.seq)
+
+    def _newest_first(self, model: str, kind: str, sort_key: Callable[[int], str], highest: int, limit: int,
+                      cursor: str | None) -> list[Item]:
+        """Up to ``limit + 1`` items of one kind below the cursor's number, highest first (one more
+        than a page tells whether there is a next page)."""
         limit = self._clamp(limit)
-        before = _decode_int_cursor(cursor, "deployments", MAX_SEQ) if cursor else MAX_SEQ + 1
+        before = _decode_int_cursor(cursor, kind, highest) if cursor else highest + 1
         self._live_meta(model)
-        items: list[Deployment] = []
-        for item in self._between(model, _deployment_sk(0), _deployment_sk(before - 1), limit + 1):
-            items.append(_deployment_of(item))
-            if len(items) > limit:
+        found: list[Item] = []
+        for item in self._between(model, sort_key(0), sort_key(before - 1), limit + 1):
+            found.append(item)
+            if len(found) > limit:
                 break
-        next_cursor = encode_cursor("deployments", items[limit - 1].seq) if len(items) > limit else None
-        return Page[Deployment](items=items[:limit], next_cursor=next_cursor)
+        return found
+
+    def _page(self, items: list[T], limit: int, kind: str, number: Callable[[T], int]) -> Page[T]:
+        limit = self._clamp(limit)
+        next_cursor = encode_cursor(kind, number(items[limit - 1])) if len(items) > limit else None
+        return Page(items=items[:limit], next_cursor=next_cursor)
 
     @translated(WHAT)
     def get_route(self, model: str) -> Route | None:
