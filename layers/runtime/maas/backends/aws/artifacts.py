@@ -132,6 +132,25 @@ def _unlink(path: Path | None) -> None:
             path.unlink()
 
 
+def _spool(body: BinaryIO, path: Path, max_bytes: int) -> tuple[str, int]:
+    """Copy a stream to ``path`` while hashing it, refusing more than ``max_bytes`` (PayloadTooLarge);
+    returns (sha256 hex, size). The file is removed if anything fails: /tmp is small on Lambda."""
+    digest = hashlib.sha256()
+    size = 0
+    try:
+        with path.open("wb") as out:
+            while chunk := body.read(CHUNK):
+                size += len(chunk)
+                if size > max_bytes:
+                    raise PayloadTooLarge(f"the upload is larger than the limit of {max_bytes} bytes")
+                digest.update(chunk)
+                out.write(chunk)
+    except BaseException:
+        _unlink(path)
+        raise
+    return digest.hexdigest(), size
+
+
 def _utc(value: datetime) -> datetime:
     return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
@@ -222,17 +241,8 @@ class S3ArtifactStore:
         check_upload_id(upload_id)
         record = self._reservation(upload_id)
         path = self._new_file(upload_id, "recv")
-        digest = hashlib.sha256()
-        size = 0
+        sha256, size = _spool(body, path, max_bytes)
         try:
-            with path.open("wb") as out:
-                while chunk := body.read(CHUNK):
-                    size += len(chunk)
-                    if size > max_bytes:
-                        raise PayloadTooLarge(f"the upload is larger than the limit of {max_bytes} bytes")
-                    digest.update(chunk)
-                    out.write(chunk)
-            sha256 = digest.hexdigest()
             if record.get("multipart_upload_id"):
                 self._abort(upload_key(upload_id), str(record["multipart_upload_id"]))
             with path.open("rb") as handle:
@@ -626,24 +636,12 @@ class S3ArtifactStore:
             raise
         body = response["Body"]
         version_id = str(response.get("VersionId") or version_id or "") or None
-        path = self._new_file(upload_id, "download")
-        digest = hashlib.sha256()
-        size = 0
-        limit = self.limits.max_model_bytes
         try:
-            with path.open("wb") as out:
-                while chunk := body.read(CHUNK):
-                    size += len(chunk)
-                    if size > limit:
-                        raise PayloadTooLarge(f"the upload is larger than the limit of {limit} bytes")
-                    digest.update(chunk)
-                    out.write(chunk)
-        except BaseException:
-            _unlink(path)
-            raise
+            path = self._new_file(upload_id, "download")
+            sha256, size = _spool(body, path, self.limits.max_model_bytes)
         finally:
             body.close()
-        entry = _Staged(version_id or "", size, digest.hexdigest(), path)
+        entry = _Staged(version_id or "", size, sha256, path)
         if cache and version_id is not None:
             self._remember(upload_id, entry)
             return entry, False
