@@ -58,12 +58,11 @@ from maas.services.invariants import artifact_of
 from maas.services.models import ModelService
 from maas.services.serving import ServingResolver
 from maas.services.tokens import TokenCache, TokenService
-from maas.settings import Settings
+from maas.settings import ENV_ARTIFACT_CACHE_BYTES, ENV_ARTIFACT_CACHE_DIR, ENV_ROUTE_TTL, Settings
 
 SERVICE = "maas-inference"
-ENV_CACHE_DIR = "MAAS_ARTIFACT_CACHE_DIR"
-ENV_CACHE_BYTES = "MAAS_ARTIFACT_CACHE_BYTES"
-ENV_ROUTE_TTL = "MAAS_ROUTE_TTL_S"
+ENV_CACHE_DIR = ENV_ARTIFACT_CACHE_DIR
+ENV_CACHE_BYTES = ENV_ARTIFACT_CACHE_BYTES
 DEFAULT_CACHE_DIR = "/tmp/maas-artifacts"  # Lambda's only writable disk
 DEFAULT_CACHE_BYTES = 512 * 1024 * 1024
 DEFAULT_ROUTE_TTL_S = 2.0

@@ -9,6 +9,16 @@ from pydantic import BaseModel, Field, ValidationError
 
 from maas.errors import InvalidInput
 
+# Environment variables the CDK stack sets on the Lambda functions (infra/ imports these names, the AWS
+# backend and the handlers read them: one spelling for both sides).
+ENV_BUCKET = "MAAS_BUCKET"
+ENV_TABLE = "MAAS_TABLE"
+ENV_ENDPOINT = "MAAS_AWS_ENDPOINT_URL"  # a local emulator (moto server) instead of AWS
+ENV_STATE_MACHINE = "MAAS_DEPLOY_STATE_MACHINE_ARN"  # set: deploys run as Step Functions executions
+ENV_ARTIFACT_CACHE_DIR = "MAAS_ARTIFACT_CACHE_DIR"
+ENV_ARTIFACT_CACHE_BYTES = "MAAS_ARTIFACT_CACHE_BYTES"
+ENV_ROUTE_TTL = "MAAS_ROUTE_TTL_S"
+
 
 def _default_home() -> Path:
     return Path(os.environ.get("MAAS_HOME") or Path.home() / ".maas").expanduser()

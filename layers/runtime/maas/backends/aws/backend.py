@@ -13,11 +13,7 @@ from maas.backends.aws.registry import DynamoRegistry
 from maas.domain import Signature
 from maas.errors import InvalidInput
 from maas.ports import ArtifactStore, Registry, Validator
-from maas.settings import Settings
-
-ENV_BUCKET = "MAAS_BUCKET"
-ENV_TABLE = "MAAS_TABLE"
-ENV_ENDPOINT = "MAAS_AWS_ENDPOINT_URL"  # a local emulator (moto server) instead of AWS
+from maas.settings import ENV_BUCKET, ENV_ENDPOINT, ENV_TABLE, Settings
 
 
 class LazyValidator:
