@@ -902,6 +902,21 @@ def build_layer(
     )
 
 
+def build_runtime_layer(out: Path, python312: str | None, package: Path = RUNTIME_PACKAGE) -> Path:
+    """The runtime layer: the ``maas`` package itself under ``<out>/runtime/python/`` (no third-party code,
+    nothing to resolve), byte-compiled for 3.12 like the dependency layers. Returns the layer directory."""
+    layer_dir = out / "runtime"
+    if layer_dir.exists():
+        shutil.rmtree(layer_dir)
+    site_dir = layer_dir / "python"
+    shutil.copytree(package, site_dir / package.name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    if python312:
+        failed = compile_layer(site_dir, python312)
+        if failed:
+            raise BuildError("the runtime layer did not byte-compile:\n  " + "\n  ".join(failed))
+    return layer_dir
+
+
 def format_table(results: Sequence[LayerResult], runtime_bytes: int) -> str:
     """The size table printed after a build (MB = 2**20 bytes, the unit of Lambda's 250 MB limit)."""
     header = f"{'layer':<10} {'arch':<7} {'unzipped':>9} {'zipped':>8} {'+runtime':>9} {'trimmed':>8} {'build':>7}"
@@ -919,7 +934,8 @@ def format_table(results: Sequence[LayerResult], runtime_bytes: int) -> str:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--layer", choices=[*LAYERS, "all"], default="all")
+    parser.add_argument("--layer", choices=[*LAYERS, "runtime", "all"], default="all",
+                        help="a dependency layer, 'runtime' (the maas package only) or 'all' dependency layers")
     parser.add_argument("--arch", choices=[*ARCHS, "all"], default="all", help="Lambda architecture name")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory (default: build/layers)")
     parser.add_argument("--report", type=Path, help="JSON report path (default: <out>/report.json)")
@@ -943,6 +959,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if python312 is None:
         print(f"note: no CPython {PYTHON_VERSION} found; layers are not byte-compiled (use --python)", file=sys.stderr)
+    if args.layer == "runtime":
+        try:
+            layer_dir = build_runtime_layer(out, python312)
+        except BuildError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        print(f"runtime layer: {layer_dir} ({tree_size(layer_dir) / MB:.2f} MB)")
+        return 0
 
     results: list[LayerResult] = []
     for layer in layers:

@@ -58,7 +58,7 @@ from maas.services.invariants import artifact_of
 from maas.services.models import ModelService
 from maas.services.serving import ServingResolver
 from maas.services.tokens import TokenCache, TokenService
-from maas.settings import ENV_ARTIFACT_CACHE_BYTES, ENV_ARTIFACT_CACHE_DIR, ENV_ROUTE_TTL, Settings
+from maas.settings import ENV_ARTIFACT_CACHE_BYTES, ENV_ARTIFACT_CACHE_DIR, ENV_POOL_PATH, ENV_ROUTE_TTL, Settings
 
 SERVICE = "maas-inference"
 ENV_CACHE_DIR = ENV_ARTIFACT_CACHE_DIR
@@ -75,6 +75,9 @@ PROBLEM_JSON = "application/problem+json"
 OCTET_STREAM = "application/octet-stream"
 REQUEST_ID_HEADER = "X-Request-Id"
 INTERNAL_DETAIL = "the server failed to process the request; it has been logged"
+#: A pool other than the default one (the container-image function) is mounted under its own prefix on
+#: the shared API (``/image/v2/...``); stripping it here keeps the routes identical in every pool.
+POOL_PATH = os.environ.get(ENV_POOL_PATH, "").rstrip("/")
 
 # The path rules of maas.api.deps (ModelName, VersionRef), checked the way FastAPI reports them.
 NAME_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
@@ -215,8 +218,10 @@ def parse_event(event: Mapping[str, Any], max_bytes: int) -> HttpRequest:
             body = raw.encode("utf-8")
         except UnicodeEncodeError:
             raise BadRequest("the request body is not valid UTF-8", field="body") from None
-    return HttpRequest(method=method.upper(), path=_stage_prefix(path, context.get("stage")),
-                       headers=_headers(event), body=body)
+    path = _stage_prefix(path, context.get("stage"))
+    if POOL_PATH and path.startswith(POOL_PATH + "/"):
+        path = path[len(POOL_PATH):]
+    return HttpRequest(method=method.upper(), path=path, headers=_headers(event), body=body)
 
 
 def guard(request: HttpRequest, max_bytes: int) -> None:

@@ -18,6 +18,12 @@ ENV_STATE_MACHINE = "MAAS_DEPLOY_STATE_MACHINE_ARN"  # set: deploys run as Step 
 ENV_ARTIFACT_CACHE_DIR = "MAAS_ARTIFACT_CACHE_DIR"
 ENV_ARTIFACT_CACHE_BYTES = "MAAS_ARTIFACT_CACHE_BYTES"
 ENV_ROUTE_TTL = "MAAS_ROUTE_TTL_S"
+ENV_SAGEMAKER_ROLE = "MAAS_SAGEMAKER_ROLE_ARN"  # the execution role SageMaker models run under
+ENV_SAGEMAKER_IMAGE = "MAAS_SAGEMAKER_IMAGE_URI"  # the GPU serving image (functions/sagemaker)
+#: SageMaker models, endpoint configs and endpoints maas creates are named with this prefix; the stack's
+#: IAM grants cover only those names.
+SAGEMAKER_NAME_PREFIX = "maas-"
+ENV_POOL_PATH = "MAAS_POOL_PATH"  # a second inference pool's path prefix on the shared API (e.g. /image)
 
 
 def _default_home() -> Path:

@@ -1,0 +1,105 @@
+"""The public HTTPS front door: one REST API for management and inference.
+
+REST (not HTTP API) because it gives per-stage throttling, binary media types (Triton's binary tensor
+extension arrives as ``application/octet-stream``), execution and access logs, X-Ray, and a cached
+TOKEN authorizer. Every route requires a live maas token (checked by the authorizer before any
+function runs) except the two OIP health probes, which return no data."""
+
+from __future__ import annotations
+
+from aws_cdk import Duration, RemovalPolicy
+from aws_cdk import aws_apigateway as apigw
+from aws_cdk import aws_lambda as lambda_
+from aws_cdk import aws_logs as logs
+from constructs import Construct
+
+from infra.config import StageConfig, log_retention
+
+BINARY_MEDIA_TYPES = ["application/octet-stream"]
+PUBLIC_ROUTES = ("/v2/health/live", "/v2/health/ready")
+# The authorizer's own check of the header's shape: malformed headers get a 401 without an invocation.
+TOKEN_HEADER_REGEX = r"^Bearer maas_[A-Za-z0-9_-]{32,}$"
+
+
+class Api(Construct):
+    """``rest_api``, ``stage``, ``authorizer``, ``access_logs``, ``url``, ``public_methods`` (the health
+    probes, the only methods without the authorizer)."""
+
+    def __init__(self, scope: Construct, construct_id: str, *, config: StageConfig,
+                 management: lambda_.IFunction, inference: lambda_.IFunction,
+                 authorizer_function: lambda_.IFunction,
+                 image_inference: lambda_.IFunction | None = None, image_pool_path: str = "/image") -> None:
+        super().__init__(scope, construct_id)
+        self.access_logs = logs.LogGroup(
+            self, "AccessLogs", retention=log_retention(config.log_retention_days),
+            removal_policy=RemovalPolicy.RETAIN if config.retain_data else RemovalPolicy.DESTROY,
+        )
+        self.rest_api = apigw.RestApi(
+            self, "RestApi",
+            rest_api_name=f"maas-{config.name}",
+            description="maas: model management and Open Inference Protocol v2 inference",
+            binary_media_types=BINARY_MEDIA_TYPES,
+            endpoint_types=[apigw.EndpointType.REGIONAL],
+            cloud_watch_role=True,
+            cloud_watch_role_removal_policy=RemovalPolicy.DESTROY,
+            deploy_options=apigw.StageOptions(
+                stage_name=config.name,
+                throttling_rate_limit=config.throttle_rate_limit,
+                throttling_burst_limit=config.throttle_burst_limit,
+                access_log_destination=apigw.LogGroupLogDestination(self.access_logs),
+                access_log_format=apigw.AccessLogFormat.json_with_standard_fields(
+                    caller=False, http_method=True, ip=True, protocol=True, request_time=True,
+                    resource_path=True, response_length=True, status=True, user=True,
+                ),
+                logging_level=apigw.MethodLoggingLevel.ERROR,
+                data_trace_enabled=False,  # would log request bodies: tensors and tokens
+                metrics_enabled=True,
+                tracing_enabled=True,
+            ),
+        )
+        self.stage = self.rest_api.deployment_stage
+        self.authorizer = apigw.TokenAuthorizer(
+            self, "TokenAuthorizer",
+            handler=authorizer_function,
+            identity_source=apigw.IdentitySource.header("Authorization"),
+            validation_regex=TOKEN_HEADER_REGEX,
+            results_cache_ttl=Duration.seconds(config.authorizer_cache_seconds),
+        )
+        # A 401 from the authorizer, and a 403 from its policy, as problem+json like the functions' own.
+        for response_type, status, title in (
+            (apigw.ResponseType.UNAUTHORIZED, "401", "Unauthorized"),
+            (apigw.ResponseType.ACCESS_DENIED, "403", "Forbidden"),
+        ):
+            self.rest_api.add_gateway_response(
+                f"{title}Response", type=response_type, status_code=status,
+                response_headers={"Content-Type": "'application/problem+json'"},
+                templates={"application/json": (
+                    f'{{"type": "about:blank", "title": "{title}", "status": {status}, '
+                    '"detail": "send a live maas token: Authorization: Bearer <token>"}')},
+            )
+
+        to_management = apigw.LambdaIntegration(management, proxy=True)
+        to_inference = apigw.LambdaIntegration(inference, proxy=True)
+        root = self.rest_api.root
+        # Management: every path that is not /v2 (models, versions, uploads, deployments, tokens, docs).
+        self._protect(root.add_resource("{proxy+}"), "ANY", to_management)
+        # Inference: /v2 and below; the health probes are the only routes without a token.
+        v2 = root.add_resource("v2")
+        self._protect(v2, "GET", to_inference)
+        self._protect(v2.add_resource("{proxy+}"), "ANY", to_inference)
+        health = v2.add_resource("health")
+        self.public_methods = [
+            health.add_resource(probe).add_method("GET", to_inference, authorization_type=apigw.AuthorizationType.NONE)
+            for probe in ("live", "ready")
+        ]
+        # The container-image pool serves the same routes under its own prefix.
+        if image_inference is not None:
+            to_image = apigw.LambdaIntegration(image_inference, proxy=True)
+            image_v2 = root.add_resource(image_pool_path.strip("/")).add_resource("v2")
+            self._protect(image_v2, "GET", to_image)
+            self._protect(image_v2.add_resource("{proxy+}"), "ANY", to_image)
+        self.url = self.rest_api.url
+
+    def _protect(self, resource: apigw.IResource, method: str, integration: apigw.Integration) -> apigw.Method:
+        return resource.add_method(method, integration, authorizer=self.authorizer,
+                                   authorization_type=apigw.AuthorizationType.CUSTOM)

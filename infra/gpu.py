@@ -1,0 +1,77 @@
+"""The GPU path: SageMaker real-time endpoints for models too large or too slow for Lambda.
+
+What the stack provides: the execution role SageMaker runs the endpoints under, the serving image
+(``functions/sagemaker/Dockerfile``: the maas engine on onnxruntime-gpu behind SageMaker's ``/ping`` and
+``/invocations``), and the ARN patterns the deploy workflow may create and the inference function may
+invoke. Endpoints themselves are created per deployment by the workflow, not by the stack: an idle stack
+runs no GPU instance."""
+
+from __future__ import annotations
+
+from aws_cdk import ArnFormat, Stack
+from aws_cdk import aws_ecr_assets as ecr_assets
+from aws_cdk import aws_iam as iam
+from constructs import Construct
+
+from infra.bundling import REPO_ROOT
+from infra.config import StageConfig
+from maas.settings import SAGEMAKER_NAME_PREFIX
+
+ENDPOINT_ACTIONS = (
+    "sagemaker:CreateModel", "sagemaker:DescribeModel", "sagemaker:DeleteModel",
+    "sagemaker:CreateEndpointConfig", "sagemaker:DescribeEndpointConfig", "sagemaker:DeleteEndpointConfig",
+    "sagemaker:CreateEndpoint", "sagemaker:UpdateEndpoint", "sagemaker:DescribeEndpoint",
+    "sagemaker:DeleteEndpoint", "sagemaker:AddTags",
+)
+
+
+class GpuPath(Construct):
+    """``execution_role`` (assumed by SageMaker), ``image`` (None without container pools) and
+    ``image_uri``, ``resource_arns`` (the maas-prefixed models, endpoint configs and endpoints, in that
+    order)."""
+
+    def __init__(self, scope: Construct, construct_id: str, *, config: StageConfig) -> None:
+        super().__init__(scope, construct_id)
+        stack = Stack.of(self)
+        self.resource_arns = [
+            stack.format_arn(service="sagemaker", resource=kind, resource_name=f"{SAGEMAKER_NAME_PREFIX}*")
+            for kind in ("model", "endpoint-config", "endpoint")
+        ]
+        self.execution_role = iam.Role(
+            self, "ExecutionRole", assumed_by=iam.ServicePrincipal("sagemaker.amazonaws.com"),
+            description="maas SageMaker endpoints: read model artifacts, pull the image, write logs and metrics",
+        )
+        self.execution_role.add_to_policy(iam.PolicyStatement(
+            actions=["logs:CreateLogGroup", "logs:CreateLogStream", "logs:PutLogEvents", "logs:DescribeLogStreams"],
+            resources=[stack.format_arn(service="logs", resource="log-group",
+                                        resource_name="/aws/sagemaker/Endpoints/maas-*",
+                                        arn_format=ArnFormat.COLON_RESOURCE_NAME)],
+        ))
+        self.execution_role.add_to_policy(iam.PolicyStatement(
+            actions=["cloudwatch:PutMetricData"], resources=["*"],
+            conditions={"StringLike": {"cloudwatch:namespace": ["/aws/sagemaker/*", "maas"]}},
+        ))
+        self.image: ecr_assets.DockerImageAsset | None = None
+        self.image_uri = ""
+        if config.container_pools:
+            self.image = ecr_assets.DockerImageAsset(
+                self, "ServingImage", directory=str(REPO_ROOT), file="functions/sagemaker/Dockerfile",
+                platform=ecr_assets.Platform.LINUX_AMD64,  # GPU instances are x86_64
+            )
+            self.image.repository.grant_pull(self.execution_role)
+            self.image_uri = self.image.image_uri
+
+    def grant_manage_endpoints(self, grantee: iam.IGrantable) -> None:
+        """What the deploy workflow needs: create/update/delete maas endpoints and hand them the role."""
+        grantee.grant_principal.add_to_principal_policy(iam.PolicyStatement(
+            actions=list(ENDPOINT_ACTIONS), resources=self.resource_arns))
+        grantee.grant_principal.add_to_principal_policy(iam.PolicyStatement(
+            actions=["iam:PassRole"], resources=[self.execution_role.role_arn],
+            conditions={"StringEquals": {"iam:PassedToService": "sagemaker.amazonaws.com"}},
+        ))
+
+    def grant_invoke_endpoints(self, grantee: iam.IGrantable) -> None:
+        """What the inference function needs to proxy requests to a maas endpoint."""
+        grantee.grant_principal.add_to_principal_policy(iam.PolicyStatement(
+            actions=["sagemaker:InvokeEndpoint"], resources=[self.resource_arns[2]]))
+
