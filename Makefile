@@ -3,8 +3,14 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
+# aws-sam-cli pins an old boto3: it gets a virtual environment of its own (tests use it to generate API
+# Gateway events and to lint the synthesized template).
+SAM_VENV ?= .venv-sam
+SAM_CLI ?= aws-sam-cli==1.170.0
+export JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION = 1
+export CDK_DISABLE_VERSION_CHECK = 1
 
-.PHONY: install install-dev demo serve test lint typecheck unit example-model clean
+.PHONY: install install-dev demo serve test lint typecheck unit example-model synth sam clean
 
 $(BIN)/python:
 	$(PYTHON) -c 'import sys; sys.exit("maas needs Python >= 3.11") if sys.version_info < (3, 11) else None'
@@ -19,8 +25,20 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@ $(VENV)/.installed-local
 
+node_modules/.installed: package.json package-lock.json  ## the pinned CDK CLI (npx cdk ...)
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+$(SAM_VENV)/bin/sam:
+	$(PYTHON) -m venv $(SAM_VENV)
+	$(SAM_VENV)/bin/pip install --quiet --disable-pip-version-check '$(SAM_CLI)'
+
 install: $(VENV)/.installed-local
-install-dev: $(VENV)/.installed-dev
+install-dev: $(VENV)/.installed-dev node_modules/.installed $(SAM_VENV)/bin/sam
+sam: $(SAM_VENV)/bin/sam
+
+synth: install-dev  ## synthesize the CDK app with real (Docker-free) layer bundling into cdk.out/
+	PATH="$(CURDIR)/$(BIN):$$PATH" npx cdk synth --quiet
 
 demo: install  ## start the local server, push + deploy the example model, predict, keep serving
 	$(BIN)/maas demo $(DEMO_ARGS)
@@ -34,6 +52,7 @@ lint: install-dev
 	$(BIN)/mypy
 	for handler in functions/*/handler.py; do $(BIN)/mypy --strict "$$handler" || exit 1; done
 	$(BIN)/mypy --strict scripts/build_layers.py
+	$(BIN)/mypy infra app.py
 
 test: lint  ## install, lint, type-check and run every test
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -45,4 +64,4 @@ example-model: install-dev  ## regenerate the bundled example model (byte-identi
 	$(BIN)/python scripts/make_example_model.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(SAM_VENV) node_modules cdk.out .pytest_cache .mypy_cache .ruff_cache

@@ -52,7 +52,7 @@ class LayerBuild:
         return [self.python, str(BUILD_SCRIPT), "--layer", self.layer, "--arch", self.architecture,
                 "--out", str(out)]
 
-    def try_bundle(self, output_dir: str, **_options: Any) -> bool:
+    def try_bundle(self, output_dir: str, _options: Any = None, **_kwargs: Any) -> bool:
         with tempfile.TemporaryDirectory(prefix=f"maas-{self.layer}-") as scratch:
             out = Path(scratch)
             completed = subprocess.run(self.command(out), capture_output=True, text=True, check=False)

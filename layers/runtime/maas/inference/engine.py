@@ -12,7 +12,7 @@ import os
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from time import perf_counter
 from typing import Any, Generic, TypeVar
@@ -352,7 +352,9 @@ class InferenceEngine:
 
     ``read_artifact`` returns the bytes of a READY version's artifact. ``session_options_factory``
     builds the ``onnxruntime.SessionOptions`` for each new session (default:
-    :func:`default_session_options`).
+    :func:`default_session_options`). ``providers``: the onnxruntime execution providers of each new
+    session, in preference order (default :data:`PROVIDERS`, CPU only; the SageMaker GPU image passes
+    ``CUDAExecutionProvider`` first).
 
     Metrics: ``cache`` on every lookup, ``model_load`` (read + verify + session build) on each miss, and
     ``invocation`` for every ``infer`` call with the time spent checking and running (not loading);
@@ -366,6 +368,8 @@ class InferenceEngine:
         limits: Limits,
         metrics: Metrics = NullMetrics(),
         session_options_factory: Callable[[], ort.SessionOptions] | None = None,
+        *,
+        providers: Sequence[str] = PROVIDERS,
     ):
         self._read_artifact = read_artifact
         self._limits = limits
@@ -375,6 +379,7 @@ class InferenceEngine:
             ort_threads()  # fail at start-up, not on the first request, if the variable is invalid
             session_options_factory = default_session_options
         self._options = session_options_factory
+        self._providers = list(providers)
         self.cache: SessionCache[_Loaded] = SessionCache(limits.session_cache_bytes)
 
     # -- sessions
@@ -405,7 +410,7 @@ class InferenceEngine:
                 "match its recorded sha256"
             )
         try:
-            session = ort.InferenceSession(data, sess_options=self._options(), providers=list(PROVIDERS))
+            session = ort.InferenceSession(data, sess_options=self._options(), providers=self._providers)
         except Exception as exc:
             raise InferenceFailed(
                 f"model {version.model!r} version {version.version} could not be loaded: "

@@ -1,0 +1,458 @@
+"""What every construct of the synthesized stack must say (intent, not hashed ids): the model store,
+the functions and their least-privilege roles, API authentication on every route, the deploy state
+machine built from maas.services.deploy, the SageMaker path, and the dashboard and alarms."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from aws_cdk.assertions import Match
+
+from infra.config import DEV, PROD, stage_config
+from infra.deploy_workflow import FAILED_STATE, FAILURE_PATH, SUCCEEDED_STATE, state_name
+from infra.gpu import ENDPOINT_ACTIONS
+from maas.backends.aws.table import table_definition
+from maas.errors import InvalidInput
+from maas.services.deploy import ROLLBACK, WORKFLOW
+from maas.settings import (
+    ENV_BUCKET,
+    ENV_POOL_PATH,
+    ENV_SAGEMAKER_ROLE,
+    ENV_STATE_MACHINE,
+    ENV_TABLE,
+    SAGEMAKER_NAME_PREFIX,
+)
+from tests.infra.conftest import Synthesized
+
+# -- helpers ------------------------------------------------------------------------------------------
+
+
+def resolve(value: Any) -> str:
+    """A CloudFormation value as readable text: ``{"Ref": "X"}`` -> ``<X>``, GetAtt -> ``<X.Attr>``,
+    Fn::Join concatenated."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict):
+        if "Ref" in value:
+            return f"<{value['Ref']}>"
+        if "Fn::GetAtt" in value:
+            return "<{}.{}>".format(*value["Fn::GetAtt"])
+        if "Fn::Join" in value:
+            separator, parts = value["Fn::Join"]
+            return separator.join(resolve(part) for part in parts)
+    return json.dumps(value)
+
+
+def statements_of(synth: Synthesized, role: Any) -> list[dict[str, Any]]:
+    """Every policy statement attached to ``role`` (inline default policies)."""
+    role_id = synth.logical_id(role)
+    found = []
+    for policy in synth.resources("AWS::IAM::Policy").values():
+        if {"Ref": role_id} in policy["Properties"]["Roles"]:
+            found.extend(policy["Properties"]["PolicyDocument"]["Statement"])
+    return found
+
+
+def actions_on(statements: list[dict[str, Any]]) -> dict[str, set[str]]:
+    """action -> the resources it is allowed on (as text)."""
+    allowed: dict[str, set[str]] = {}
+    for statement in statements:
+        assert statement["Effect"] == "Allow"
+        actions = statement["Action"] if isinstance(statement["Action"], list) else [statement["Action"]]
+        resources = statement["Resource"] if isinstance(statement["Resource"], list) else [statement["Resource"]]
+        for action in actions:
+            allowed.setdefault(action, set()).update(resolve(resource) for resource in resources)
+    return allowed
+
+
+def function_by_handler(synth: Synthesized, handler: str) -> dict[str, Any]:
+    matches = [body for body in synth.resources("AWS::Lambda::Function").values()
+               if body["Properties"].get("Handler") == handler]
+    assert len(matches) == 1, f"{handler}: {len(matches)} functions"
+    return matches[0]["Properties"]
+
+
+def state_machine_definition(synth: Synthesized) -> dict[str, Any]:
+    (machine,) = synth.resources("AWS::StepFunctions::StateMachine").values()
+    return json.loads(resolve(machine["Properties"]["DefinitionString"]))
+
+
+# -- configuration ----------------------------------------------------------------------------------
+
+
+def test_stage_config_errors_name_the_context_key() -> None:
+    with pytest.raises(InvalidInput) as caught:
+        stage_config("dev", {"dev": {"inference_memory_mb": 64}})
+    assert caught.value.field == "maas:stages.dev.inference_memory_mb"
+    with pytest.raises(InvalidInput) as caught:
+        stage_config("dev", {"dev": {"no_such_setting": 1}})
+    assert caught.value.field == "maas:stages.dev.no_such_setting"
+    with pytest.raises(InvalidInput) as caught:
+        stage_config("Bad_Name")
+    assert caught.value.field == "maas:stage"
+    with pytest.raises(InvalidInput, match="base"):
+        stage_config("qa", {"qa": {"base": "staging"}})
+
+
+def test_stage_config_bases_and_overrides() -> None:
+    assert stage_config("prod") == PROD and PROD.retain_data and not DEV.retain_data
+    staging = stage_config("staging", {"staging": {"base": "prod", "retain_data": False, "architecture": "arm64"}})
+    assert staging.name == "staging" and staging.architecture == "arm64" and not staging.retain_data
+    assert staging.inference_reserved_concurrency == PROD.inference_reserved_concurrency
+
+
+# -- model store --------------------------------------------------------------------------------------
+
+
+def models_bucket(synth: Synthesized) -> dict[str, Any]:
+    return synth.raw["Resources"][synth.logical_id(synth.stack.store.bucket)]
+
+
+def test_bucket_is_versioned_encrypted_private_and_logged(dev: Synthesized) -> None:
+    props = models_bucket(dev)["Properties"]
+    assert props["VersioningConfiguration"] == {"Status": "Enabled"}
+    assert props["BucketEncryption"]["ServerSideEncryptionConfiguration"][0]["ServerSideEncryptionByDefault"][
+        "SSEAlgorithm"] == "AES256"
+    assert props["PublicAccessBlockConfiguration"] == {
+        "BlockPublicAcls": True, "BlockPublicPolicy": True, "IgnorePublicAcls": True, "RestrictPublicBuckets": True}
+    assert props["LoggingConfiguration"]["DestinationBucketName"] == {
+        "Ref": dev.logical_id(dev.stack.store.access_logs)}
+
+
+def test_bucket_policies_deny_plain_http(dev: Synthesized) -> None:
+    for bucket in (dev.stack.store.bucket, dev.stack.store.access_logs):
+        bucket_id = dev.logical_id(bucket)
+        policies = [p for p in dev.resources("AWS::S3::BucketPolicy").values()
+                    if p["Properties"]["Bucket"] == {"Ref": bucket_id}]
+        assert len(policies) == 1
+        denies = [s for s in policies[0]["Properties"]["PolicyDocument"]["Statement"] if s["Effect"] == "Deny"]
+        assert any(s["Condition"] == {"Bool": {"aws:SecureTransport": "false"}} and s["Action"] == "s3:*"
+                   for s in denies)
+
+
+def test_bucket_lifecycle(dev: Synthesized, prod: Synthesized) -> None:
+    for synth in (dev, prod):
+        rules = {rule["Id"]: rule for rule in models_bucket(synth)["Properties"]["LifecycleConfiguration"]["Rules"]}
+        assert rules["abort-incomplete-multipart"]["AbortIncompleteMultipartUpload"] == {"DaysAfterInitiation": 1}
+        uploads = rules["expire-uncommitted-uploads"]
+        assert uploads["Prefix"] == "uploads/" and uploads["ExpirationInDays"] == synth.config.upload_expiry_days
+        models = rules["keep-deleted-models"]
+        assert models["Prefix"] == "models/" and "ExpirationInDays" not in models  # never expires current bytes
+        assert models["NoncurrentVersionExpiration"]["NoncurrentDays"] == synth.config.noncurrent_version_days
+    assert PROD.noncurrent_version_days > DEV.noncurrent_version_days
+
+
+def test_table_matches_what_the_backend_writes(dev: Synthesized) -> None:
+    props = dev.raw["Resources"][dev.logical_id(dev.stack.store.table)]["Properties"]
+    expected = table_definition("ignored")
+    assert props["KeySchema"] == expected["KeySchema"]
+    assert sorted(props["AttributeDefinitions"], key=str) == sorted(expected["AttributeDefinitions"], key=str)
+    (index,) = props["GlobalSecondaryIndexes"]
+    (expected_index,) = expected["GlobalSecondaryIndexes"]
+    assert {k: index[k] for k in ("IndexName", "KeySchema", "Projection")} == expected_index
+    assert props["BillingMode"] == expected["BillingMode"] == "PAY_PER_REQUEST"
+    assert props["PointInTimeRecoverySpecification"] == {"PointInTimeRecoveryEnabled": True}
+    assert props["SSESpecification"]["SSEEnabled"] is True
+
+
+def test_prod_keeps_data_dev_may_destroy_it(dev: Synthesized, prod: Synthesized) -> None:
+    for synth, policy in ((dev, "Delete"), (prod, "Retain")):
+        table = synth.raw["Resources"][synth.logical_id(synth.stack.store.table)]
+        bucket = models_bucket(synth)
+        assert table["DeletionPolicy"] == policy and bucket["DeletionPolicy"] == policy
+        assert table["Properties"].get("DeletionProtectionEnabled", False) is (policy == "Retain")
+    # dev empties the bucket on destroy; prod never deletes objects
+    assert dev.resources("Custom::S3AutoDeleteObjects") and not prod.resources("Custom::S3AutoDeleteObjects")
+
+
+# -- functions ----------------------------------------------------------------------------------------
+
+def test_every_zip_function_is_python312_on_the_stage_arch_with_layers_and_tracing(dev: Synthesized) -> None:
+    functions = [body["Properties"] for body in dev.resources("AWS::Lambda::Function").values()
+                 if body["Properties"].get("Runtime", "").startswith("python")]
+    # api, inference, authorizer, one per deploy step, cleanup
+    assert len(functions) == 3 + len(WORKFLOW) + 1 + 1
+    for props in functions:
+        assert props["Runtime"] == "python3.12"
+        assert props["Architectures"] == ["x86_64"]
+        assert props["TracingConfig"] == {"Mode": "Active"}
+        assert len(props["Layers"]) == 2  # the maas runtime layer + one dependency layer
+        env = props["Environment"]["Variables"]
+        assert env[ENV_BUCKET] == {"Ref": dev.logical_id(dev.stack.store.bucket)}
+        assert env[ENV_TABLE] == {"Ref": dev.logical_id(dev.stack.store.table)}
+        assert props["LoggingConfig"]["LogGroup"]
+
+
+def test_functions_memory_timeouts_and_environment(dev: Synthesized) -> None:
+    f = dev.stack.functions
+    by_id = {name: dev.raw["Resources"][dev.logical_id(fn)]["Properties"]
+             for name, fn in (("api", f.api), ("inference", f.inference), ("authorizer", f.authorizer),
+                              ("cleanup", f.cleanup))}
+    assert by_id["api"]["MemorySize"] == DEV.api_memory_mb and by_id["api"]["Timeout"] == 29
+    assert by_id["inference"]["MemorySize"] == DEV.inference_memory_mb
+    assert by_id["inference"]["Environment"]["Variables"]["POWERTOOLS_TRACE_DISABLED"] == "true"
+    assert by_id["inference"]["EphemeralStorage"]["Size"] >= 512
+    assert by_id["authorizer"]["MemorySize"] == DEV.authorizer_memory_mb
+    assert by_id["cleanup"]["Handler"] == "handler.cleanup"
+    # the API starts deploys as executions of the state machine
+    machine_id = dev.logical_id(dev.stack.workflow.state_machine)
+    assert by_id["api"]["Environment"]["Variables"][ENV_STATE_MACHINE] == {"Ref": machine_id}
+    for step in (*WORKFLOW, ROLLBACK):
+        props = function_by_handler(dev, f"handler.{step.name.value}")
+        assert props["Timeout"] >= 60 and props["MemorySize"] == DEV.deploy_memory_mb
+        assert props["Environment"]["Variables"][ENV_SAGEMAKER_ROLE] == {
+            "Fn::GetAtt": [dev.logical_id(dev.stack.gpu.execution_role), "Arn"]}
+    # log groups keep the stage's retention
+    retention = {body["Properties"].get("RetentionInDays") for body in dev.resources("AWS::Logs::LogGroup").values()}
+    assert retention == {DEV.log_retention_days}
+
+
+def test_reserved_and_provisioned_concurrency(dev: Synthesized, prod: Synthesized) -> None:
+    for synth in (dev, prod):
+        f, config = synth.stack.functions, synth.config
+
+        def reserved(fn: Any) -> int | None:
+            return synth.raw["Resources"][synth.logical_id(fn)]["Properties"].get("ReservedConcurrentExecutions")
+
+        assert reserved(f.inference) == config.inference_reserved_concurrency
+        assert reserved(f.api) == config.api_reserved_concurrency
+        assert {reserved(task) for task in f.deploy_tasks.values()} == {config.deploy_reserved_concurrency}
+    # prod: inference is capped, management and every deploy task (rollback included) have capacity of their own
+    assert PROD.inference_reserved_concurrency and PROD.api_reserved_concurrency and PROD.deploy_reserved_concurrency
+    assert not dev.resources("AWS::Lambda::Alias")  # provisioned concurrency off by default
+
+
+def test_provisioned_concurrency_puts_the_api_on_a_live_alias() -> None:
+    from tests.infra.conftest import cdk_context
+
+    from infra.stack import build_app
+
+    app, stack = build_app(cdk_context(**{"maas:stages": {"dev": {
+        "inference_provisioned_concurrency": 2, "container_pools": False}}}), nag=False)
+    template = app.synth().get_stack_by_name(stack.stack_name).template
+    aliases = [r["Properties"] for r in template["Resources"].values() if r["Type"] == "AWS::Lambda::Alias"]
+    assert len(aliases) == 1 and aliases[0]["Name"] == "live"
+    assert aliases[0]["ProvisionedConcurrencyConfig"] == {"ProvisionedConcurrentExecutions": 2}
+    # no container image assets without container pools
+    assert not [r for r in template["Resources"].values()
+                if r["Type"] == "AWS::Lambda::Function" and r["Properties"].get("PackageType") == "Image"]
+
+
+def test_container_image_inference_pool(dev: Synthesized) -> None:
+    (image_fn,) = [body["Properties"] for body in dev.resources("AWS::Lambda::Function").values()
+                   if body["Properties"].get("PackageType") == "Image"]
+    assert image_fn["MemorySize"] == DEV.image_inference_memory_mb
+    assert image_fn["Environment"]["Variables"][ENV_POOL_PATH] == "/image"
+    assert image_fn["Role"] == {"Fn::GetAtt": [dev.logical_id(dev.stack.functions.inference_role), "Arn"]}
+    assert "ImageUri" in image_fn["Code"]
+
+
+# -- least privilege ----------------------------------------------------------------------------------
+
+
+def test_no_statement_allows_a_wildcard_action(dev: Synthesized) -> None:
+    for policy in dev.resources("AWS::IAM::Policy").values():
+        for statement in policy["Properties"]["PolicyDocument"]["Statement"]:
+            actions = statement["Action"] if isinstance(statement["Action"], list) else [statement["Action"]]
+            assert not [a for a in actions if a == "*" or a.endswith(":*")], statement
+
+
+def test_inference_role_reads_only(dev: Synthesized) -> None:
+    allowed = actions_on(statements_of(dev, dev.stack.functions.inference_role))
+    bucket = f"<{dev.logical_id(dev.stack.store.bucket)}.Arn>"
+    table = f"<{dev.logical_id(dev.stack.store.table)}.Arn>"
+    assert allowed["s3:GetObject"] == {f"{bucket}/models/*"}
+    assert allowed["dynamodb:GetItem"] == {table} and allowed["dynamodb:Query"] == {table}
+    assert allowed["sagemaker:InvokeEndpoint"] == {
+        f"arn:<AWS::Partition>:sagemaker:<AWS::Region>:<AWS::AccountId>:endpoint/{SAGEMAKER_NAME_PREFIX}*"}
+    data_writes = {a for a in allowed if a.startswith(("s3:", "dynamodb:", "sagemaker:"))
+                   and a.split(":")[1].startswith(("Put", "Delete", "Update", "BatchWrite", "Create"))}
+    assert data_writes == set(), data_writes
+    # its own logs and traces, nothing else
+    assert {a for a in allowed if a.startswith(("logs:", "xray:"))} == {
+        "logs:CreateLogStream", "logs:PutLogEvents", "xray:PutTraceSegments", "xray:PutTelemetryRecords"}
+
+
+def test_authorizer_role_only_looks_up_tokens(dev: Synthesized) -> None:
+    allowed = actions_on(statements_of(dev, dev.stack.functions.authorizer_role))
+    data = {a for a in allowed if a.startswith(("s3:", "dynamodb:", "sagemaker:", "states:"))}
+    assert data == {"dynamodb:GetItem"}
+
+
+def test_api_role_manages_the_store_and_starts_deploys(dev: Synthesized) -> None:
+    allowed = actions_on(statements_of(dev, dev.stack.functions.api_role))
+    bucket = f"<{dev.logical_id(dev.stack.store.bucket)}.Arn>"
+    for action in ("s3:PutObject", "s3:GetObjectVersion", "s3:DeleteObject", "s3:AbortMultipartUpload"):
+        assert allowed[action] == {f"{bucket}/*"}
+    assert allowed["s3:ListBucketVersions"] == {bucket}
+    for action in ("dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:ConditionCheckItem", "dynamodb:Query"):
+        assert f"<{dev.logical_id(dev.stack.store.table)}.Arn>" in allowed[action]
+    assert allowed["states:StartExecution"] == {f"<{dev.logical_id(dev.stack.workflow.state_machine)}>"}
+    assert not [a for a in allowed if a.startswith(("sagemaker:", "iam:"))]
+
+
+def test_deploy_role_and_sagemaker_role(dev: Synthesized) -> None:
+    gpu = dev.stack.gpu
+    allowed = actions_on(statements_of(dev, dev.stack.functions.deploy_role))
+    prefix = "arn:<AWS::Partition>:sagemaker:<AWS::Region>:<AWS::AccountId>:"
+    for action in ENDPOINT_ACTIONS:
+        assert allowed[action] == {f"{prefix}{kind}/{SAGEMAKER_NAME_PREFIX}*"
+                                   for kind in ("model", "endpoint-config", "endpoint")}
+    role_arn = f"<{dev.logical_id(gpu.execution_role)}.Arn>"
+    assert allowed["iam:PassRole"] == {role_arn}
+    (pass_role,) = [s for s in statements_of(dev, dev.stack.functions.deploy_role) if s["Action"] == "iam:PassRole"]
+    assert pass_role["Condition"] == {"StringEquals": {"iam:PassedToService": "sagemaker.amazonaws.com"}}
+    assert "s3:PutObject" not in allowed and "s3:DeleteObject" not in allowed  # deploys never write artifacts
+    # SageMaker's execution role: assumed by SageMaker only, reads committed models, pulls the image
+    role = dev.raw["Resources"][dev.logical_id(gpu.execution_role)]["Properties"]
+    assert role["AssumeRolePolicyDocument"]["Statement"][0]["Principal"] == {"Service": "sagemaker.amazonaws.com"}
+    sm_allowed = actions_on(statements_of(dev, gpu.execution_role))
+    assert sm_allowed["s3:GetObject"] == {f"<{dev.logical_id(dev.stack.store.bucket)}.Arn>/models/*"}
+    assert "ecr:BatchGetImage" in sm_allowed and "s3:PutObject" not in sm_allowed
+
+
+# -- API ------------------------------------------------------------------------------------------------
+
+
+def resource_paths(synth: Synthesized) -> dict[str, str]:
+    """API Gateway resource logical id -> its full path."""
+    resources = synth.resources("AWS::ApiGateway::Resource")
+    api_id = synth.logical_id(synth.stack.api.rest_api)
+
+    def path_of(logical_id: str) -> str:
+        props = resources[logical_id]["Properties"]
+        parent = props["ParentId"]
+        prefix = "" if parent == {"Fn::GetAtt": [api_id, "RootResourceId"]} else path_of(parent["Ref"])
+        return f"{prefix}/{props['PathPart']}"
+
+    return {logical_id: path_of(logical_id) for logical_id in resources}
+
+
+def test_every_route_but_the_health_probes_needs_the_authorizer(dev: Synthesized) -> None:
+    paths = resource_paths(dev)
+    authorizer_id = dev.logical_id(dev.stack.api.authorizer)
+    methods = {}
+    for method in dev.resources("AWS::ApiGateway::Method").values():
+        props = method["Properties"]
+        path = paths[props["ResourceId"]["Ref"]] if "Ref" in props["ResourceId"] else "/"
+        methods[f"{props['HttpMethod']} {path}"] = props
+    assert set(methods) >= {"ANY /{proxy+}", "GET /v2", "ANY /v2/{proxy+}", "GET /v2/health/live",
+                            "GET /v2/health/ready", "GET /image/v2", "ANY /image/v2/{proxy+}"}
+    for route, props in methods.items():
+        if route in ("GET /v2/health/live", "GET /v2/health/ready"):
+            assert props["AuthorizationType"] == "NONE"
+        else:
+            assert props["AuthorizationType"] == "CUSTOM", route
+            assert props["AuthorizerId"] == {"Ref": authorizer_id}, route
+        assert props["Integration"]["Type"] == "AWS_PROXY"
+
+
+def test_authorizer_checks_maas_tokens_with_caching(dev: Synthesized) -> None:
+    (authorizer,) = dev.resources("AWS::ApiGateway::Authorizer").values()
+    props = authorizer["Properties"]
+    assert props["Type"] == "TOKEN"
+    assert props["IdentitySource"] == "method.request.header.Authorization"
+    assert props["AuthorizerResultTtlInSeconds"] == DEV.authorizer_cache_seconds
+    assert "maas_" in props["IdentityValidationExpression"]
+    assert f"{dev.logical_id(dev.stack.functions.authorizer)}.Arn" in resolve(props["AuthorizerUri"])
+
+
+def test_api_stage_logging_throttling_binary(dev: Synthesized) -> None:
+    (api,) = dev.resources("AWS::ApiGateway::RestApi").values()
+    assert api["Properties"]["BinaryMediaTypes"] == ["application/octet-stream"]
+    (stage,) = dev.resources("AWS::ApiGateway::Stage").values()
+    props = stage["Properties"]
+    assert props["StageName"] == "dev" and props["TracingEnabled"] is True
+    assert props["AccessLogSetting"]["DestinationArn"] == {
+        "Fn::GetAtt": [dev.logical_id(dev.stack.api.access_logs), "Arn"]}
+    (settings,) = props["MethodSettings"]
+    assert settings["ThrottlingRateLimit"] == DEV.throttle_rate_limit
+    assert settings["ThrottlingBurstLimit"] == DEV.throttle_burst_limit
+    assert settings["LoggingLevel"] == "ERROR" and settings["DataTraceEnabled"] is False
+    responses = {r["Properties"]["ResponseType"]: r["Properties"]
+                 for r in dev.resources("AWS::ApiGateway::GatewayResponse").values()}
+    assert responses["UNAUTHORIZED"]["StatusCode"] == "401"
+
+
+def test_outputs(dev: Synthesized) -> None:
+    outputs = dev.raw["Outputs"]
+    assert {"ApiUrl", "ModelBucketName", "RegistryTableName", "DeployStateMachineArn", "AlarmTopicArn",
+            "DashboardName"} <= set(outputs)
+    assert outputs["ModelBucketName"]["Value"] == {"Ref": dev.logical_id(dev.stack.store.bucket)}
+    assert outputs["RegistryTableName"]["Value"] == {"Ref": dev.logical_id(dev.stack.store.table)}
+    # maas admin bootstrap reads these exact keys
+    from maas.cli.admin import OUTPUT_BUCKET, OUTPUT_TABLE, OUTPUT_URL
+
+    assert {OUTPUT_URL, OUTPUT_TABLE, OUTPUT_BUCKET} <= set(outputs)
+
+
+# -- deploy workflow ----------------------------------------------------------------------------------
+
+
+def test_state_machine_is_the_step_list(dev: Synthesized) -> None:
+    definition = state_machine_definition(dev)
+    forward = [state_name(step) for step in WORKFLOW]
+    assert definition["StartAt"] == forward[0]
+    assert set(definition["States"]) == {*forward, state_name(ROLLBACK), SUCCEEDED_STATE, FAILED_STATE}
+    tasks = dev.stack.functions.deploy_tasks
+    for index, step in enumerate(WORKFLOW):
+        state = definition["States"][state_name(step)]
+        assert state["Type"] == "Task"
+        assert state["Resource"] == f"<{dev.logical_id(tasks[step.name.value])}.Arn>"
+        assert state["Next"] == (forward[index + 1] if index + 1 < len(forward) else SUCCEEDED_STATE)
+        assert state["Catch"] == [{"ErrorEquals": ["States.ALL"], "ResultPath": FAILURE_PATH,
+                                   "Next": state_name(ROLLBACK)}]
+        retried = {error for retry in state.get("Retry", []) for error in retry["ErrorEquals"]}
+        assert set(step.retry_on) <= retried
+    rollback = definition["States"][state_name(ROLLBACK)]
+    assert rollback["Resource"] == f"<{dev.logical_id(tasks[ROLLBACK.name.value])}.Arn>"
+    assert rollback["Next"] == FAILED_STATE and "Catch" not in rollback
+    assert definition["States"][FAILED_STATE]["Type"] == "Fail"
+
+
+def test_state_machine_is_standard_logged_and_traced(dev: Synthesized) -> None:
+    (machine,) = dev.resources("AWS::StepFunctions::StateMachine").values()
+    props = machine["Properties"]
+    assert props["StateMachineType"] == "STANDARD"
+    assert props["TracingConfiguration"] == {"Enabled": True}
+    assert props["LoggingConfiguration"]["Level"] == "ALL"
+    machine_role = statements_of(dev, dev.stack.workflow.state_machine.role)
+    invoked = actions_on(machine_role)["lambda:InvokeFunction"]
+    assert {f"<{dev.logical_id(fn)}.Arn>" for fn in dev.stack.functions.deploy_tasks.values()} <= invoked
+
+
+# -- monitoring -----------------------------------------------------------------------------------------
+
+
+def test_dashboard_widgets(dev: Synthesized) -> None:
+    (dashboard,) = dev.resources("AWS::CloudWatch::Dashboard").values()
+    body = resolve(dashboard["Properties"]["DashboardBody"])
+    for title in ("Model latency p50", "Model latency p99", "Invocations per model", "Errors per model",
+                  "Cold starts", "Artifact cache hits", "Lambda throttles", "Deploy workflow executions",
+                  "Alarms"):
+        assert f'"title":"{title}' in body, title
+    for metric in ("ModelLatency", "Invocations", "Errors", "ColdStart", "CacheHit"):
+        assert f"MetricName=\\\\\\\"{metric}\\\\\\\"" in body or f'MetricName=\\"{metric}\\"' in body, metric
+    assert "ExecutionsFailed" in body and "Throttles" in body
+
+
+def test_alarms_notify_the_encrypted_topic(dev: Synthesized) -> None:
+    topic_id = dev.logical_id(dev.stack.monitoring.topic)
+    alarms = dev.resources("AWS::CloudWatch::Alarm")
+    assert len(alarms) == 4
+    names = {resolve(a["Properties"].get("AlarmDescription", "")) for a in alarms.values()}
+    assert any("p99 latency" in n for n in names) and any("deploy failed" in n for n in names)
+    for alarm in alarms.values():
+        assert alarm["Properties"]["AlarmActions"] == [{"Ref": topic_id}]
+    failed = [a["Properties"] for a in alarms.values() if a["Properties"].get("MetricName") == "ExecutionsFailed"]
+    assert failed and failed[0]["Threshold"] == 1
+    latency = [a["Properties"] for a in alarms.values() if a["Properties"].get("MetricName") == "Latency"]
+    assert latency and latency[0]["Threshold"] == DEV.alarm_p99_latency_ms
+    topic = dev.raw["Resources"][topic_id]["Properties"]
+    assert "KmsMasterKeyId" in topic
+    dev.template.has_resource_properties("AWS::KMS::Key", {"EnableKeyRotation": True})
+    dev.template.has_resource_properties("AWS::SNS::TopicPolicy", Match.object_like({
+        "PolicyDocument": Match.object_like({"Statement": Match.array_with([Match.object_like({
+            "Effect": "Deny", "Condition": {"Bool": {"aws:SecureTransport": "false"}}})])})}))

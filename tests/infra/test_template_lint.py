@@ -1,0 +1,39 @@
+"""The synthesized templates pass cfn-lint with no errors and no warnings (the template's own metadata
+ignores only W3005, CDK's redundant DependsOn), and `sam validate --lint` accepts them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.functional.test_sam_events import SAM
+from tests.infra.conftest import Synthesized
+
+CFN_LINT = Path(sys.executable).parent / "cfn-lint"
+
+
+def write(synth: Synthesized, tmp_path: Path) -> Path:
+    path = tmp_path / f"maas-{synth.config.name}.template.json"
+    path.write_text(json.dumps(synth.raw, indent=1))
+    return path
+
+
+@pytest.mark.parametrize("stage", ["dev", "prod"])
+def test_cfn_lint_is_clean(stage: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    template = write(request.getfixturevalue(stage), tmp_path)
+    completed = subprocess.run([str(CFN_LINT), str(template)], capture_output=True, text=True, timeout=300,
+                               check=False)
+    # cfn-lint's exit code is a bit mask: 2 errors, 4 warnings, 8 informational
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+
+
+def test_sam_validate_lint_accepts_the_template(dev: Synthesized, tmp_path: Path) -> None:
+    template = write(dev, tmp_path)
+    completed = subprocess.run([str(SAM), "validate", "--lint", "-t", str(template)], capture_output=True,
+                               text=True, timeout=300, check=False, cwd=tmp_path)
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    assert "is a valid SAM Template" in completed.stdout + completed.stderr
