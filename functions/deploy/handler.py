@@ -1,5 +1,14 @@
-"""Deploy-side Lambda tasks (one entry per task). Today: the scheduled store cleanup; the deploy
-workflow's steps join here as Step Functions tasks.
+"""Deploy-side Lambda tasks, one entry per task: the deploy workflow's steps (``validate``,
+``smoke_test``, ``promote``, ``rollback``: the Step Functions state machine built from
+``maas.services.deploy.WORKFLOW`` invokes them) and the scheduled store ``cleanup``.
+
+Each step entry takes the state's input (``maas.services.deploy.StepInput``: ``model``,
+``deployment_id`` and, for rollback, the Catch's ``failure``) and returns the next state's input. A
+step's ``MaasError`` propagates unwrapped: Lambda reports the exception's class name as the error
+name (``Unavailable``, ``Conflict``...), which the state machine's Retry and Catch match.
+
+The smoke test loads the version with the inference engine (onnxruntime, from the inference layer),
+imported on the first smoke test so the other tasks start without it.
 
 ``cleanup`` is the AWS half of "nothing orphaned": uploads that never committed expire (the bucket's
 lifecycle rule on ``uploads/`` is the backstop), PENDING versions past the upload TTL become FAILED
@@ -8,12 +17,20 @@ bytes stay recoverable as a noncurrent S3 version for the stage's retention)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from maas.backends.aws import AwsBackend
 from maas.backends.aws.telemetry import get_logger, get_tracer, metrics
+from maas.domain import ModelVersion
+from maas.ports import NullMetrics
 from maas.services.cleanup import CleanupService
+from maas.services.deploy import DeployWorkflow, StepName
+from maas.services.models import ModelService
+from maas.services.serving import artifact_reader
 from maas.settings import Settings
+
+if TYPE_CHECKING:
+    from maas.inference.engine import InferenceEngine
 
 SERVICE = "maas-deploy"
 logger = get_logger(SERVICE)
@@ -21,6 +38,65 @@ tracer = get_tracer(SERVICE)
 
 settings = Settings.from_env()
 backend = AwsBackend.from_env(settings)
+_engine: InferenceEngine | None = None
+
+
+def load_version(version: ModelVersion) -> None:
+    """Load the version as the inference function will (sha256 re-checked, session built)."""
+    global _engine
+    if _engine is None:
+        from maas.inference.engine import InferenceEngine
+
+        _engine = InferenceEngine(artifact_reader(backend.artifacts), settings.limits, NullMetrics())
+    _engine.warm(version)
+
+
+workflow = DeployWorkflow(backend.registry,
+                          ModelService(backend.registry, backend.artifacts, backend.validator, settings.limits),
+                          load_version)
+
+
+def _step(name: StepName, event: dict[str, Any]) -> dict[str, Any]:
+    logger.append_keys(deploy_step=name.value, deployment_id=event.get("deployment_id"), model=event.get("model"))
+    metric = "Deploy" + name.value.title().replace("_", "")  # e.g. DeploySmokeTest, DeployRollback
+    try:
+        result = workflow.run_step(name, event)
+    except Exception as error:
+        # Raised as is: its class name is the error the state machine's Retry/Catch match.
+        metrics.add_metric(name=metric + "Failed", unit="Count", value=1)
+        logger.warning("deploy step failed", extra={"error": type(error).__name__})
+        raise
+    metrics.add_metric(name=metric, unit="Count", value=1)
+    logger.info("deploy step finished")
+    return result
+
+
+@logger.inject_lambda_context(clear_state=True)
+@tracer.capture_lambda_handler(capture_response=False)
+@metrics.log_metrics
+def validate(event: dict[str, Any], context: Any) -> dict[str, Any]:
+    return _step(StepName.VALIDATE, event)
+
+
+@logger.inject_lambda_context(clear_state=True)
+@tracer.capture_lambda_handler(capture_response=False)
+@metrics.log_metrics
+def smoke_test(event: dict[str, Any], context: Any) -> dict[str, Any]:
+    return _step(StepName.SMOKE_TEST, event)
+
+
+@logger.inject_lambda_context(clear_state=True)
+@tracer.capture_lambda_handler(capture_response=False)
+@metrics.log_metrics
+def promote(event: dict[str, Any], context: Any) -> dict[str, Any]:
+    return _step(StepName.PROMOTE, event)
+
+
+@logger.inject_lambda_context(clear_state=True)
+@tracer.capture_lambda_handler(capture_response=False)
+@metrics.log_metrics
+def rollback(event: dict[str, Any], context: Any) -> dict[str, Any]:
+    return _step(StepName.ROLLBACK, event)
 
 
 @logger.inject_lambda_context(clear_state=True)

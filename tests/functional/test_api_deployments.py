@@ -51,7 +51,8 @@ def test_deploy_route_and_rollback(client: TestClient) -> None:
     assert answer(client) == ("3", 3.0)
     status = client.get("/models/m").json()
     assert status["route"]["stable_version"] == 3
-    assert [e["kind"] for e in status["deployment"]["events"]] == ["started", "promoted"]
+    assert [e["kind"] for e in status["deployment"]["events"]] == [
+        "started", "validated", "smoke_test_passed", "promoted"]  # one event per workflow step
     rolled = client.post("/models/m/rollback")
     assert rolled.status_code == 200 and rolled.json()["stable_version"] == 1
     assert answer(client) == ("1", 1.0)

@@ -1,6 +1,8 @@
-"""The scheduled cleanup Lambda (functions/deploy/handler.py: cleanup) under moto: an abandoned
+"""The deploy Lambda (functions/deploy/handler.py) under moto. The scheduled cleanup: an abandoned
 register (a PENDING version whose upload never committed) expires, a promoted-but-never-READY
-artifact is removed, a READY version is untouched, and the invariants hold."""
+artifact is removed, a READY version is untouched, and the invariants hold. The workflow's step
+entries, called as the state machine calls them (tests/functional/test_deploy_state_machine.py runs
+them under moto's Step Functions)."""
 
 from __future__ import annotations
 
@@ -8,16 +10,22 @@ import hashlib
 import io
 import json
 import time
+import uuid
 from pathlib import Path
 
 import pytest
+from fastapi.testclient import TestClient
 
+from maas import errors
+from maas.api import create_app
 from maas.backends.aws import AwsBackend
-from maas.domain import UploadPlan, VersionStatus
+from maas.domain import Deployment, DeploymentStatus, UploadPlan, VersionStatus
+from maas.services.deploy import ROLLBACK, WORKFLOW
 from maas.services.invariants import check_invariants
 from maas.services.models import ModelService
+from maas.services.tokens import TokenService
 from maas.settings import Limits, Settings
-from tests.conftest import TEST_BUCKET, TEST_TABLE
+from tests.conftest import HOST, TEST_BUCKET, TEST_TABLE, break_artifact
 from tests.functions import LambdaContext, load_handler
 from tests.models import InProcessValidator, scale_model
 
@@ -65,3 +73,70 @@ def test_cleanup_expires_abandoned_registers_and_keeps_ready_versions(
     assert [v.version for v in backend.registry.list_versions("m", 10, None).items] == [ready]
     assert upload not in second["removed_uploads"]
     assert check_invariants(backend.registry, backend.artifacts) == []
+
+
+def test_workflow_steps_as_lambda_entries(moto: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """validate -> smoke_test -> promote as the state machine calls them; a corrupted version fails its
+    smoke test with the maas error's class name (what Retry/Catch match), and rollback, given the
+    Catch's ``$.failure``, leaves it FAILED with the stable version still live."""
+    settings = Settings(home=tmp_path / "home")
+    for name, value in {"MAAS_BUCKET": TEST_BUCKET, "MAAS_TABLE": TEST_TABLE, "MAAS_HOME": str(settings.home),
+                        "POWERTOOLS_METRICS_NAMESPACE": "maas"}.items():
+        monkeypatch.setenv(name, value)
+    backend = AwsBackend(settings, bucket=TEST_BUCKET, table=TEST_TABLE, validator=InProcessValidator(settings))
+    models = ModelService(backend.registry, backend.artifacts, backend.validator, settings.limits)
+    models.create_model("m")
+
+    def push(data: bytes) -> int:
+        digest = hashlib.sha256(data).hexdigest()
+        pending = models.begin_version("m", plan=UploadPlan(size=len(data), sha256=digest))
+        backend.artifacts.receive_upload(pending.upload.upload_id, io.BytesIO(data), len(data))
+        return models.commit_version("m", pending.version.version, sha256=digest, size=len(data)).version
+
+    def start(version: int) -> dict[str, str]:
+        route = backend.registry.get_route("m")
+        record = backend.registry.create_deployment(Deployment(
+            id=uuid.uuid4().hex, model="m", version=version,
+            stable_version=route.stable_version if route else None).with_event("started"))
+        return {"model": "m", "deployment_id": record.id}
+
+    fn = load_handler("deploy")
+    for step in (*WORKFLOW, ROLLBACK):  # one entry per step, named as the state machine's tasks call it
+        assert callable(getattr(fn, step.name.value))
+    context = LambdaContext(function_name="maas-deploy")
+
+    state = start(push(scale_model(1.0)))
+    for step in WORKFLOW:
+        assert getattr(fn, step.name.value)(state, context) == state
+        assert getattr(fn, step.name.value)(state, context) == state  # a retried task: no change
+    first = backend.registry.get_deployment(state["deployment_id"])
+    assert first.status is DeploymentStatus.SUCCEEDED
+    assert [e.kind for e in first.events] == ["started", "validated", "smoke_test_passed", "promoted"]
+    _, secret = TokenService(backend.registry).create("invoker", ["invoke"], created_by="test")
+    with TestClient(create_app(backend, settings), base_url=f"http://{HOST}") as api:
+        ones = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 1, 1, 1]}]}
+        answer = api.post("/v2/models/m/infer", json=ones, headers={"Authorization": f"Bearer {secret}"})
+        assert answer.status_code == 200 and answer.headers["X-Maas-Model-Version"] == "1"
+
+    broken = push(scale_model(2.0))
+    break_artifact(backend, backend.registry.get_version("m", broken).model_dump(mode="json"))
+    state = start(broken)
+    fn.validate(state, context)
+    with pytest.raises(errors.MaasError) as raised:
+        fn.smoke_test(state, context)
+    assert type(raised.value) is errors.StorageCorrupted  # not wrapped: Lambda reports "StorageCorrupted"
+    caught = {**state, "failure": {"Error": type(raised.value).__name__,
+                                   "Cause": json.dumps({"errorMessage": str(raised.value),
+                                                        "errorType": type(raised.value).__name__})}}
+    assert fn.rollback(caught, context) == state
+    assert fn.rollback(caught, context) == state
+    failed = backend.registry.get_deployment(state["deployment_id"])
+    assert failed.status is DeploymentStatus.FAILED
+    assert [e.kind for e in failed.events] == ["started", "validated", "smoke_test_failed"]
+    assert failed.events[-1].detail == str(raised.value)
+    route = backend.registry.get_route("m")
+    assert route is not None and route.stable_version == 1
+    with pytest.raises(errors.Conflict):  # a finished deployment: the Catch path, which changes nothing
+        fn.promote(state, context)
+    with pytest.raises(errors.InvalidInput):
+        fn.validate({"model": "m", "deployment_id": "../../etc"}, context)

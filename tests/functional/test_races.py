@@ -144,5 +144,8 @@ def test_short_lived_threads_do_not_leak_connections(tmp_path: Path) -> None:
     baseline = _open_fds()
     for _ in range(5):
         burst()
-    assert _open_fds() <= baseline + 3
+    # 100 threads ran: a leak of their connections is ~100 descriptors. A handful may stay open a while
+    # even though every finalizer ran (SQLite defers closing a connection whose statements are still
+    # being finalized), which a tight bound turned into a flaky failure about one run in five.
+    assert _open_fds() <= baseline + 15
     registry.close()

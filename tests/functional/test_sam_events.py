@@ -138,5 +138,5 @@ def test_authorizer_event(stack_world: dict[str, str]) -> None:
 
     for bad in ("Bearer maas_" + "x" * 43, "", "Basic abc"):
         event["authorizationToken"] = bad
-        with pytest.raises(Exception, match="^Unauthorized$"):
+        with pytest.raises(Exception, match=r"^Unauthorized$"):
             module.handler(event, LambdaContext())

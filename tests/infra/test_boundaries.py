@@ -12,7 +12,7 @@ ALLOWED = {"maas.settings", "maas.errors", "maas.services.deploy"}
 
 def test_infra_imports_only_names_from_maas() -> None:
     seen: dict[str, set[str]] = {}
-    for path in sorted((REPO / "infra").glob("*.py")) + [REPO / "app.py"]:
+    for path in [*sorted((REPO / "infra").glob("*.py")), REPO / "app.py"]:
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             modules = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
                        else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])

@@ -210,24 +210,22 @@ def test_functions_memory_timeouts_and_environment(dev: Synthesized) -> None:
 
 
 def test_reserved_and_provisioned_concurrency(dev: Synthesized, prod: Synthesized) -> None:
+    def reserved(synth: Synthesized, fn: Any) -> int | None:
+        return synth.raw["Resources"][synth.logical_id(fn)]["Properties"].get("ReservedConcurrentExecutions")
+
     for synth in (dev, prod):
         f, config = synth.stack.functions, synth.config
-
-        def reserved(fn: Any) -> int | None:
-            return synth.raw["Resources"][synth.logical_id(fn)]["Properties"].get("ReservedConcurrentExecutions")
-
-        assert reserved(f.inference) == config.inference_reserved_concurrency
-        assert reserved(f.api) == config.api_reserved_concurrency
-        assert {reserved(task) for task in f.deploy_tasks.values()} == {config.deploy_reserved_concurrency}
+        assert reserved(synth, f.inference) == config.inference_reserved_concurrency
+        assert reserved(synth, f.api) == config.api_reserved_concurrency
+        assert {reserved(synth, task) for task in f.deploy_tasks.values()} == {config.deploy_reserved_concurrency}
     # prod: inference is capped, management and every deploy task (rollback included) have capacity of their own
     assert PROD.inference_reserved_concurrency and PROD.api_reserved_concurrency and PROD.deploy_reserved_concurrency
     assert not dev.resources("AWS::Lambda::Alias")  # provisioned concurrency off by default
 
 
 def test_provisioned_concurrency_puts_the_api_on_a_live_alias() -> None:
-    from tests.infra.conftest import cdk_context
-
     from infra.stack import build_app
+    from tests.infra.conftest import cdk_context
 
     app, stack = build_app(cdk_context(**{"maas:stages": {"dev": {
         "inference_provisioned_concurrency": 2, "container_pools": False}}}), nag=False)

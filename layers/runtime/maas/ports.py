@@ -183,9 +183,23 @@ class NullMetrics:
         return None
 
 
+class DeployExecutor(Protocol):
+    """Runs the deploy workflow (``maas.services.deploy``) for a deployment just created IN_PROGRESS.
+
+    In-process, ``start`` returns the finished deployment (or raises the error that failed it, after
+    the rollback step ran); a remote executor (Step Functions) returns it still IN_PROGRESS and the
+    workflow carries on elsewhere. Starting the same deployment twice starts one workflow."""
+
+    def start(self, deployment: Deployment) -> Deployment: ...
+
+
 class Backend(Protocol):
-    """What ``create_app`` needs: the storage ports plus the validator."""
+    """What ``create_app`` needs: the storage ports plus the validator, and optionally where deploys
+    run (``deploy_executor`` None: in the API's process, as the local backend does)."""
 
     registry: Registry
     artifacts: ArtifactStore
     validator: Validator
+
+    @property
+    def deploy_executor(self) -> DeployExecutor | None: ...

@@ -12,15 +12,12 @@ from maas.api.deps import Invoker, Services, ServicesDep, TokenCache
 from maas.api.guard import RequestGuard
 from maas.api.metrics import FanOut, PrometheusMetrics
 from maas.api.routes import deployments, inference, models, tokens
-from maas.domain import ModelVersion
-from maas.errors import NotFound, StorageCorrupted
 from maas.inference.engine import InferenceEngine
 from maas.ports import Backend, Metrics
 from maas.services.aliases import AliasService
 from maas.services.deployments import DeploymentService
-from maas.services.invariants import artifact_of
 from maas.services.models import ModelService
-from maas.services.serving import ServingResolver
+from maas.services.serving import ServingResolver, artifact_reader
 from maas.services.tokens import TokenService
 from maas.settings import Settings
 
@@ -39,17 +36,7 @@ def create_app(backend: Backend, settings: Settings | None = None, *,
     settings = settings or getattr(backend, "settings", None) or Settings.from_env()
     metrics = PrometheusMetrics()
 
-    def read_artifact(version: ModelVersion) -> bytes:
-        assert version.sha256 is not None
-        try:
-            return backend.artifacts.read(artifact_of(version.sha256, version.size, version.storage_key,
-                                                      version.storage_version_id))
-        except NotFound:
-            # A READY version whose bytes vanished is a storage fault, not a missing resource.
-            raise StorageCorrupted(f"the artifact of {version.model!r} version {version.version} is missing "
-                                   "from storage") from None
-
-    engine = InferenceEngine(read_artifact, settings.limits,
+    engine = InferenceEngine(artifact_reader(backend.artifacts), settings.limits,
                              metrics if metrics_sink is None else FanOut(metrics, metrics_sink))
     model_service = ModelService(backend.registry, backend.artifacts, backend.validator, settings.limits)
     token_service = TokenService(backend.registry)
@@ -58,7 +45,10 @@ def create_app(backend: Backend, settings: Settings | None = None, *,
         settings=settings,
         models=model_service,
         aliases=AliasService(backend.registry),
-        deployments=DeploymentService(backend.registry, model_service, smoke_test=engine.warm),
+        # Deploys run where the backend says (Step Functions on AWS), else here with the engine's warm-up
+        # as the smoke test.
+        deployments=DeploymentService(backend.registry, model_service, smoke_test=engine.warm,
+                                      executor=getattr(backend, "deploy_executor", None)),
         tokens=token_service,
         auth=TokenCache(token_service),
         resolver=ServingResolver(backend.registry, model_service),

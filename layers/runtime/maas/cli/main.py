@@ -18,7 +18,9 @@ from rich.progress import (
     BarColumn,
     DownloadColumn,
     Progress,
+    SpinnerColumn,
     TextColumn,
+    TimeElapsedColumn,
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
@@ -28,7 +30,9 @@ from typer.core import TyperGroup
 
 from maas import __version__
 from maas.cli import CliError, stderr_console, stdout_console
+from maas.cli.admin import admin_app  # imports no AWS code until `maas admin ...` runs
 from maas.client import Client, MaasClientError
+from maas.client.client import DEPLOY_WAIT_S
 from maas.domain import Scope, Strategy
 from maas.errors import MaasError
 
@@ -77,6 +81,8 @@ tokens_app = typer.Typer(help="Create, list and revoke API tokens (admin scope).
 app.add_typer(models_app, name="models")
 app.add_typer(alias_app, name="alias")
 app.add_typer(tokens_app, name="tokens")
+
+app.add_typer(admin_app, name="admin")
 
 
 def _version_callback(value: bool) -> None:
@@ -536,13 +542,23 @@ def deploy(
     bake: Annotated[
         int | None, typer.Option("--bake", help="Seconds to watch health before promoting.", min=0)
     ] = None,
+    wait: Annotated[
+        bool,
+        typer.Option("--wait/--no-wait", help="Wait for a deployment the server runs in the background."),
+    ] = True,
+    timeout: Annotated[
+        float, typer.Option("--timeout", help="Seconds to wait for it (with --wait).", min=0)
+    ] = DEPLOY_WAIT_S,
 ) -> None:
     """Deploy a version (number or alias): load and verify it, then send all traffic to it.
 
     The previous stable version stays one `maas rollback` away. Canary and linear strategies are
     accepted by the CLI but refused by servers that do not offer them yet.
 
-    Example: maas deploy fraud 3    or    maas deploy fraud champion
+    On AWS the deploy runs as a workflow: the command follows it until it finishes (at most --timeout
+    seconds) and exits 1 if it FAILED or was ROLLED_BACK.
+
+    Example: maas deploy fraud 3    or    maas deploy fraud champion --timeout 300
     """
     state = _state(ctx)
     with state.client() as client:
@@ -550,17 +566,52 @@ def deploy(
             name,
             _version_arg(version),
             strategy=strategy.value,
+            wait=False,
             target=target,
             canary_percent=canary_percent,
             linear_step_percent=linear_step_percent,
             bake_seconds=bake,
         )
+        if wait and deployment.get("status") == "IN_PROGRESS" and deployment.get("id"):
+            deployment = _follow_deployment(client, deployment, timeout, quiet=state.json)
     if state.json:
         _print_json(deployment)
-        return
-    out = stdout_console()
-    out.print(_deployment_summary(deployment), markup=False, soft_wrap=True)
-    out.print(f"watch it with: maas status {name}", markup=False, soft_wrap=True)
+    else:
+        out = stdout_console()
+        out.print(_deployment_summary(deployment), markup=False, soft_wrap=True)
+        out.print(f"watch it with: maas status {name}", markup=False, soft_wrap=True)
+    if deployment.get("status") in ("FAILED", "ROLLED_BACK"):
+        fail(f"deployment {deployment.get('id')} {str(deployment.get('status')).lower().replace('_', ' ')}: "
+             f"{_last_event(deployment)}")
+
+
+def _last_event(deployment: dict[str, Any]) -> str:
+    events = deployment.get("events") or [{}]
+    last = events[-1] if isinstance(events[-1], dict) else {}
+    return ": ".join(str(part) for part in (last.get("kind"), last.get("detail")) if part) or "no event"
+
+
+def _follow_deployment(client: Client, deployment: dict[str, Any], timeout: float, *, quiet: bool) -> dict[str, Any]:
+    """Poll a deployment still IN_PROGRESS until it finishes, showing its latest event on stderr."""
+    progress = Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        console=stderr_console(),
+        transient=True,
+        disable=quiet,
+    )
+
+    def describe(current: dict[str, Any]) -> str:
+        return (f"deployment {str(current.get('id'))[:8]} (version {current.get('version')}) "
+                f"{current.get('status')}: {_last_event(current)}")
+
+    with progress:
+        task = progress.add_task(describe(deployment), total=None)
+        return client.wait_for_deployment(
+            str(deployment["id"]), timeout=timeout,
+            on_update=lambda current: progress.update(task, description=describe(current)),
+        )
 
 
 @app.command()

@@ -1,5 +1,5 @@
 """Python SDK for the maas HTTP API."""
 
-from maas.client.client import Client, MaasClientError, build_infer_request
+from maas.client.client import Client, DeploymentFailed, MaasClientError, build_infer_request
 
-__all__ = ["Client", "MaasClientError", "build_infer_request"]
+__all__ = ["Client", "DeploymentFailed", "MaasClientError", "build_infer_request"]

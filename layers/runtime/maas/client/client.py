@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -37,6 +38,13 @@ MULTIPART_PART_BYTES = 64 * 1024 * 1024
 NUMPY_TO_DATATYPE: dict[str, str] = {numpy: oip for oip, numpy in DATATYPE_TO_NUMPY.items()}
 
 ProgressCallback = Callable[[int, int], None]
+
+#: How long ``deploy`` waits by default for a deployment the server runs in the background (202).
+DEPLOY_WAIT_S = 600.0
+DEPLOY_POLL_S = 1.0
+DEPLOY_POLL_MAX_S = 5.0
+IN_PROGRESS = "IN_PROGRESS"
+FAILED_STATUSES = ("FAILED", "ROLLED_BACK")
 
 
 class MaasClientError(Exception):
@@ -87,6 +95,23 @@ class MaasClientError(Exception):
         else:
             detail = " ".join(response.text.split())[:300]
         return cls(status, title, detail, field)
+
+
+class DeploymentFailed(MaasClientError):
+    """A deployment that ended FAILED or ROLLED_BACK while ``Client.deploy`` waited for it. The
+    deployment (with its events) is ``.deployment``; the message ends with its last event."""
+
+    def __init__(self, deployment: Mapping[str, Any]):
+        self.deployment = dict(deployment)
+        events = self.deployment.get("events") or []
+        last = events[-1] if events and isinstance(events[-1], Mapping) else {}
+        reason = ": ".join(str(part) for part in (last.get("kind"), last.get("detail")) if part)
+        detail = (f"deployment {self.deployment.get('id')} of version {self.deployment.get('version')} ended "
+                  f"{self.deployment.get('status')}" + (f" ({reason})" if reason else ""))
+        super().__init__(0, "Deployment failed", detail)
+
+    def __reduce__(self) -> Any:
+        return (type(self), (self.deployment,))
 
 
 def default_home() -> Path:
@@ -523,14 +548,63 @@ class Client:
     # -- deployments ------------------------------------------------------------------------------
 
     def deploy(
-        self, name: str, version: int | str, strategy: str = "all_at_once", **options: Any
+        self,
+        name: str,
+        version: int | str,
+        strategy: str = "all_at_once",
+        *,
+        wait: bool = True,
+        timeout: float = DEPLOY_WAIT_S,
+        poll_interval: float = DEPLOY_POLL_S,
+        on_update: Callable[[dict[str, Any]], None] | None = None,
+        **options: Any,
     ) -> dict[str, Any]:
-        """Start a deployment of ``version`` (a number or an alias). ``options`` go into the request body
-        (e.g. ``target``, ``canary_percent``, ``bake_seconds``); ``None`` values are left out."""
+        """Deploy ``version`` (a number or an alias). ``options`` go into the request body (e.g.
+        ``target``, ``canary_percent``, ``bake_seconds``); ``None`` values are left out.
+
+        A server that runs the deploy workflow elsewhere (Step Functions) answers 202 with the
+        deployment IN_PROGRESS: with ``wait`` (the default) this polls it (see
+        :meth:`wait_for_deployment`) and raises :class:`DeploymentFailed` if it ends FAILED or
+        ROLLED_BACK, as a server that deploys synchronously answers the failure as an error. Without
+        ``wait`` it returns the deployment as the server answered it."""
         body: dict[str, Any] = {"version": _version_value(version), "strategy": strategy}
         body.update({key: value for key, value in options.items() if value is not None})
         result: dict[str, Any] = self._request("POST", f"{self._model_path(name)}/deployments", json=body)
-        return result
+        if not wait or not isinstance(result, dict) or result.get("status") != IN_PROGRESS or not result.get("id"):
+            return result
+        final = self.wait_for_deployment(str(result["id"]), timeout=timeout, poll_interval=poll_interval,
+                                         on_update=on_update)
+        if final.get("status") in FAILED_STATUSES:
+            raise DeploymentFailed(final)
+        return final
+
+    def wait_for_deployment(
+        self,
+        deployment_id: str,
+        *,
+        timeout: float = DEPLOY_WAIT_S,
+        poll_interval: float = DEPLOY_POLL_S,
+        on_update: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
+        """Poll ``GET /deployments/{id}`` until the deployment leaves IN_PROGRESS and return it, whatever
+        its final status. ``on_update`` sees every answer. Raises :class:`MaasClientError` (status 0,
+        ``Timeout``) if it is still in progress after ``timeout`` seconds (the deployment carries on)."""
+        deadline = time.monotonic() + max(timeout, 0.0)
+        delay = min(max(poll_interval, 0.0), DEPLOY_POLL_MAX_S)
+        while True:
+            deployment = self.get_deployment(deployment_id)
+            if on_update is not None:
+                on_update(deployment)
+            if deployment.get("status") != IN_PROGRESS:
+                return deployment
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise MaasClientError(
+                    0, "Timeout", f"deployment {deployment_id} is still IN_PROGRESS after {timeout:g}s; "
+                    "it carries on: follow it with `maas status` or GET /deployments/{id}"
+                )
+            time.sleep(min(delay, remaining))
+            delay = min(max(delay * 1.5, poll_interval), DEPLOY_POLL_MAX_S)
 
     def list_deployments(self, name: str, *, limit: int | None = None) -> list[dict[str, Any]]:
         """Every deployment of a model, newest first (only the newest ``limit`` when given)."""

@@ -3,12 +3,15 @@
 The live route of a model is derived from its deployment records (see ``maas.domain.Deployment``),
 so deploy and rollback are each a short sequence of conditional writes that leaves a valid route
 after every step: a crash mid-way never leaves a model pointing at nothing. This issue runs the
-``all_at_once`` strategy; canary and linear reuse the same records with a weighted canary."""
+``all_at_once`` strategy; canary and linear reuse the same records with a weighted canary.
+
+A deploy creates its IN_PROGRESS record, then hands it to a ``DeployExecutor`` that runs the steps of
+``maas.services.deploy``: in this process by default (the answer is the finished deployment), or as a
+Step Functions execution on AWS (the answer is the record still IN_PROGRESS)."""
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
 
 from maas.domain import (
     Deployment,
@@ -21,13 +24,13 @@ from maas.domain import (
     check_model_name,
     check_version_number,
 )
-from maas.errors import Conflict, InvalidInput, MaasError, NotFound
-from maas.ports import Registry
+from maas.errors import Conflict, InvalidInput, NotFound
+from maas.ports import DeployExecutor, Registry
+from maas.services.deploy import DeployWorkflow, InProcessExecutor, SmokeTest
 from maas.services.models import ModelService
 from maas.services.pagination import all_deployments, iterate
 
 SUPPORTED_TARGETS = ("lambda",)
-SmokeTest = Callable[[ModelVersion], None]
 
 
 def _no_smoke_test(version: ModelVersion) -> None:
@@ -35,10 +38,17 @@ def _no_smoke_test(version: ModelVersion) -> None:
 
 
 class DeploymentService:
-    def __init__(self, registry: Registry, models: ModelService, smoke_test: SmokeTest = _no_smoke_test):
+    def __init__(self, registry: Registry, models: ModelService, smoke_test: SmokeTest = _no_smoke_test,
+                 executor: DeployExecutor | None = None):
+        """``executor`` runs the deploy workflow (default: in this process, with ``smoke_test``)."""
         self._registry = registry
         self._models = models
-        self._smoke_test = smoke_test
+        self._workflow = DeployWorkflow(registry, models, smoke_test)
+        self._executor: DeployExecutor = executor if executor is not None else InProcessExecutor(self._workflow)
+
+    @property
+    def workflow(self) -> DeployWorkflow:
+        return self._workflow
 
     def deploy(self, name: str, version: int | str, *, strategy: str = Strategy.ALL_AT_ONCE.value,
                target: str = "lambda", created_by: str = "",
@@ -68,22 +78,12 @@ class DeploymentService:
         ).with_event("started", f"deploying version {ready.version} ({chosen_strategy.value})")
         deployment = self._registry.create_deployment(deployment)
         try:
-            self._smoke_test(ready)
-        except MaasError as failure:
-            failed = deployment.with_event("smoke_test_failed", failure.detail,
-                                           status=DeploymentStatus.FAILED)
-            self._registry.update_deployment(failed, DeploymentStatus.IN_PROGRESS)
+            return self._executor.start(deployment)
+        except Exception as error:
+            # The in-process executor has already rolled back; this catches executors that could not
+            # start (or finish) the workflow, so no deployment is left blocking the model.
+            self._workflow.abandon(deployment, error)
             raise
-        except Exception as crash:
-            failed = deployment.with_event("smoke_test_failed", type(crash).__name__,
-                                           status=DeploymentStatus.FAILED)
-            self._registry.update_deployment(failed, DeploymentStatus.IN_PROGRESS)
-            raise
-        promoted = deployment.with_event(
-            "promoted", f"version {ready.version} serves 100% of traffic",
-            status=DeploymentStatus.SUCCEEDED, stable_version=ready.version,
-        )
-        return self._registry.update_deployment(promoted, DeploymentStatus.IN_PROGRESS)
 
     def rollback(self, name: str, *, to_version: int | None = None, created_by: str = "") -> Deployment:
         """Cancel a deploy in flight, or return to the previous stable version (or ``to_version``).

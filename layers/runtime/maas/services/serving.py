@@ -12,9 +12,26 @@ import time
 from collections.abc import Callable
 
 from maas.domain import ModelVersion, Route, VersionStatus, check_model_name
-from maas.errors import NotFound, NotReady
-from maas.ports import Registry
+from maas.errors import NotFound, NotReady, StorageCorrupted
+from maas.ports import ArtifactStore, Registry
+from maas.services.invariants import artifact_of
 from maas.services.models import ModelService
+
+
+def artifact_reader(artifacts: ArtifactStore) -> Callable[[ModelVersion], bytes]:
+    """What an ``InferenceEngine`` loads a READY version's bytes with (the engine re-hashes them)."""
+
+    def read(version: ModelVersion) -> bytes:
+        assert version.sha256 is not None
+        try:
+            return artifacts.read(artifact_of(version.sha256, version.size, version.storage_key,
+                                              version.storage_version_id))
+        except NotFound:
+            # A READY version whose bytes vanished is a storage fault, not a missing resource.
+            raise StorageCorrupted(f"the artifact of {version.model!r} version {version.version} is missing "
+                                   "from storage") from None
+
+    return read
 
 
 class ServingResolver:

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Path, Query, Response
 
 from maas.api.deps import AliasName, Deployer, Invoker, ModelName, ServicesDep
 from maas.api.schemas import AliasList, DeploymentPage, Rollback, SetAlias, StartDeployment, problem_responses
-from maas.domain import Alias, Deployment
+from maas.domain import Alias, Deployment, DeploymentStatus
 
 router = APIRouter(tags=["deployments"])
 
@@ -40,13 +40,23 @@ def delete_alias(name: ModelName, alias: AliasName, services: ServicesDep, _: De
     return Response(status_code=204)
 
 
-@router.post("/models/{name}/deployments", status_code=201, response_model=Deployment,
-             responses=problem_responses(401, 403, 404, 409, 415, 422))
+@router.post(
+    "/models/{name}/deployments", status_code=201, response_model=Deployment,
+    responses={
+        201: {"description": "The deployment finished (SUCCEEDED): the version serves the model's traffic"},
+        202: {"model": Deployment,
+              "description": "The deploy workflow started and runs on (IN_PROGRESS, e.g. on Step Functions): "
+                             "poll `GET /deployments/{id}` until its status is final"},
+        **problem_responses(401, 403, 404, 409, 415, 422),
+    },
+)
 def start_deployment(name: ModelName, body: StartDeployment, services: ServicesDep, token: Deployer,
-                     ) -> Deployment:
+                     response: Response) -> Deployment:
     deployment = services.deployments.deploy(name, body.version, strategy=body.strategy, target=body.target,
                                              created_by=token.name, thresholds=body.thresholds)
     services.resolver.invalidate(name)
+    if deployment.status is DeploymentStatus.IN_PROGRESS:
+        response.status_code = 202
     return deployment
 
 

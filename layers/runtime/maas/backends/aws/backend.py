@@ -1,5 +1,6 @@
 """The AWS backend: models in S3 (versioned bucket), the registry in DynamoDB, validation in a child
-process (on Lambda, /tmp holds the staged file). Same ports, same guarantees as the local backend."""
+process (on Lambda, /tmp holds the staged file), and deploys as Step Functions executions when the
+stack gives a state machine. Same ports, same guarantees as the local backend."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ from maas.backends.aws.clients import make_client
 from maas.backends.aws.registry import DynamoRegistry
 from maas.domain import Signature
 from maas.errors import InvalidInput
-from maas.ports import ArtifactStore, Registry, Validator
-from maas.settings import ENV_BUCKET, ENV_ENDPOINT, ENV_TABLE, Settings
+from maas.ports import ArtifactStore, DeployExecutor, Registry, Validator
+from maas.settings import ENV_BUCKET, ENV_ENDPOINT, ENV_STATE_MACHINE, ENV_TABLE, Settings
 
 
 class LazyValidator:
@@ -36,8 +37,15 @@ class AwsBackend:
     """Registry, artifact store and validator on AWS (``maas.ports.Backend``)."""
 
     def __init__(self, settings: Settings, *, bucket: str, table: str, s3: Any = None, dynamodb: Any = None,
-                 validator: Validator | None = None, endpoint_url: str | None = None):
+                 validator: Validator | None = None, endpoint_url: str | None = None,
+                 state_machine_arn: str | None = None, deploy_executor: DeployExecutor | None = None):
+        """``state_machine_arn``: deploys start executions of that state machine (its client is made
+        on first use: functions that never deploy do not pay for it); ``deploy_executor`` overrides it.
+        Neither: deploys run in the API's process."""
         self.settings = settings
+        self.state_machine_arn = state_machine_arn
+        self._endpoint_url = endpoint_url
+        self._deploy_executor = deploy_executor
         self.bucket = bucket
         self.table = table
         self.s3 = s3 if s3 is not None else make_client("s3", endpoint_url=endpoint_url)
@@ -47,13 +55,25 @@ class AwsBackend:
         self.artifacts: ArtifactStore = S3ArtifactStore(self.s3, bucket, settings.limits)
         self.validator: Validator = validator if validator is not None else LazyValidator(settings)
 
+    @property
+    def deploy_executor(self) -> DeployExecutor | None:
+        """Step Functions when a state machine is configured, else None (in-process deploys)."""
+        if self._deploy_executor is None and self.state_machine_arn:
+            from maas.backends.aws.workflow import StepFunctionsExecutor
+
+            client = make_client("stepfunctions", endpoint_url=self._endpoint_url)
+            self._deploy_executor = StepFunctionsExecutor(client, self.state_machine_arn)
+        return self._deploy_executor
+
     @classmethod
     def from_env(cls, settings: Settings | None = None, **kwargs: Any) -> AwsBackend:
-        """Built from ``MAAS_BUCKET`` and ``MAAS_TABLE`` (set by the CDK stack on every function)."""
+        """Built from ``MAAS_BUCKET`` and ``MAAS_TABLE`` (set by the CDK stack on every function), and
+        ``MAAS_DEPLOY_STATE_MACHINE_ARN`` where deploys run as Step Functions executions."""
         missing = [name for name in (ENV_BUCKET, ENV_TABLE) if not os.environ.get(name)]
         if missing:
             raise InvalidInput(f"{missing[0]} is not set: the AWS backend needs the bucket and table names",
                                field=missing[0])
+        kwargs.setdefault("state_machine_arn", os.environ.get(ENV_STATE_MACHINE) or None)
         return cls(settings or Settings.from_env(), bucket=os.environ[ENV_BUCKET], table=os.environ[ENV_TABLE],
                    endpoint_url=os.environ.get(ENV_ENDPOINT) or None, **kwargs)
 
@@ -61,4 +81,4 @@ class AwsBackend:
         """Nothing to release: boto3 clients hold only pooled connections."""
 
 
-__all__ = ["ENV_BUCKET", "ENV_ENDPOINT", "ENV_TABLE", "AwsBackend"]
+__all__ = ["ENV_BUCKET", "ENV_ENDPOINT", "ENV_STATE_MACHINE", "ENV_TABLE", "AwsBackend"]

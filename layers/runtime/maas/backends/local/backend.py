@@ -20,7 +20,7 @@ from maas.backends.local.artifacts import FileArtifactStore
 from maas.backends.local.registry import SqliteRegistry
 from maas.domain import Scope, Token
 from maas.errors import Conflict
-from maas.ports import ArtifactStore, Registry, Validator
+from maas.ports import ArtifactStore, DeployExecutor, Registry, Validator
 from maas.services.tokens import TokenService, hash_token
 from maas.settings import Settings
 
@@ -36,6 +36,9 @@ def _is_admin(token: Token | None) -> bool:
 
 class LocalBackend:
     """Registry, artifact store and validator for one machine (``maas.ports.Backend``)."""
+
+    #: Deploys run in the server's process (``maas.services.deploy.InProcessExecutor``).
+    deploy_executor: DeployExecutor | None = None
 
     def __init__(self, settings: Settings, *, validator: Validator | None = None):
         self.settings = settings
