@@ -8,6 +8,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from enum import StrEnum
 from typing import BinaryIO, Protocol, runtime_checkable
 
 from maas.domain import (
@@ -191,6 +192,59 @@ class DeployExecutor(Protocol):
     workflow carries on elsewhere. Starting the same deployment twice starts one workflow."""
 
     def start(self, deployment: Deployment) -> Deployment: ...
+
+
+@dataclass(frozen=True)
+class VersionHealth:
+    """What a version did in a window of time: the input of a deploy's health check."""
+
+    requests: int
+    errors: int
+    p99_latency_ms: float | None  # None: no successful request in the window
+
+    @property
+    def error_rate(self) -> float:
+        return self.errors / self.requests if self.requests else 0.0
+
+
+class HealthSource(Protocol):
+    """Per model-version request metrics over a window (local counters; CloudWatch on AWS)."""
+
+    def health(self, model: str, version: int, since: datetime, until: datetime) -> VersionHealth: ...
+
+
+class TargetState(StrEnum):
+    UPDATING = "updating"
+    IN_SERVICE = "in_service"  # the deployment's version serves all of the endpoint's traffic
+    ROLLED_BACK = "rolled_back"  # the target undid the update (e.g. SageMaker's alarm-based auto-rollback)
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class TargetStatus:
+    state: TargetState
+    reason: str = ""
+
+
+class EndpointTarget(Protocol):
+    """A deployment target that shifts traffic itself (SageMaker blue/green with canary or linear
+    traffic routing and alarm-based auto-rollback): the deploy workflow starts the update and polls it,
+    and the inference path proxies requests to it."""
+
+    def shift(self, deployment: Deployment, version: ModelVersion) -> None:
+        """Create or update the model's endpoint to serve ``version`` with the deployment's strategy.
+        Idempotent: a second call for the same deployment while its update runs changes nothing."""
+        ...
+
+    def status(self, deployment: Deployment) -> TargetStatus: ...
+
+    def rollback(self, deployment: Deployment) -> None:
+        """Stop an update in flight / return the endpoint to the deployment's stable version."""
+        ...
+
+    def invoke(self, model: str, body: bytes, content_type: str) -> tuple[bytes, str]:
+        """Send one OIP v2 request to the model's endpoint; returns the answer and its content type."""
+        ...
 
 
 class Backend(Protocol):

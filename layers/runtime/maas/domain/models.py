@@ -138,6 +138,10 @@ class Deployment(Frozen):
     canary_percent: float = Field(default=10.0, gt=0, le=100)
     linear_step_percent: float = Field(default=10.0, gt=0, le=100)
     bake_seconds: int = Field(default=0, ge=0)
+    # linear: seconds between two traffic steps (each step bakes that long); None means bake_seconds
+    linear_interval_seconds: int | None = Field(default=None, ge=0)
+    # quantize the version (int8, checked against the parent's outputs) and deploy the derived version
+    optimize: bool = False
     thresholds: HealthThresholds = Field(default_factory=HealthThresholds)
     status: DeploymentStatus = DeploymentStatus.IN_PROGRESS
     events: tuple[DeploymentEvent, ...] = ()
@@ -155,16 +159,18 @@ class Deployment(Frozen):
         else the newest SUCCEEDED: choosing it is the registry's job, this is the rest)."""
         if self.status is DeploymentStatus.SUCCEEDED:
             stable = self.stable_version if self.stable_version is not None else self.version
-            return Route(model=self.model, stable_version=stable, deployment_id=self.id)
+            return Route(model=self.model, stable_version=stable, deployment_id=self.id, target=self.target)
         if self.stable_version is None:
             # A first deploy in flight: nothing serves until it is promoted, unless it already shifts
             # traffic to a canary, which then takes all of it (there is nothing else to send it to).
             if self.canary_version is None or self.canary_weight <= 0:
                 return None
-            return Route(model=self.model, stable_version=self.canary_version, deployment_id=self.id)
+            return Route(model=self.model, stable_version=self.canary_version, deployment_id=self.id,
+                         target=self.target)
         canary = self.canary_version
         return Route(model=self.model, stable_version=self.stable_version, canary_version=canary,
-                     canary_weight=self.canary_weight if canary is not None else 0.0, deployment_id=self.id)
+                     canary_weight=self.canary_weight if canary is not None else 0.0, deployment_id=self.id,
+                     target=self.target)
 
     def referenced_versions(self) -> set[int]:
         refs = {self.version}
@@ -183,6 +189,9 @@ class Route(Frozen):
     canary_version: int | None = None
     canary_weight: float = 0.0
     deployment_id: str
+    # "lambda" (this process or the inference function runs the model) or "sagemaker" (requests are
+    # proxied to the model's SageMaker endpoint, which does its own blue/green traffic shifting)
+    target: str = "lambda"
 
 
 class Token(Frozen):
