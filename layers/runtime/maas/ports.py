@@ -7,8 +7,8 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 from enum import StrEnum
+from pathlib import Path
 from typing import BinaryIO, Protocol, runtime_checkable
 
 from maas.domain import (
