@@ -140,3 +140,20 @@ def test_authorizer_event(stack_world: dict[str, str]) -> None:
         event["authorizationToken"] = bad
         with pytest.raises(Exception, match=r"^Unauthorized$"):
             module.handler(event, LambdaContext())
+
+
+def test_image_pool_serves_the_same_routes_under_its_prefix(stack_world: dict[str, str],
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The container-image pool is mounted at /image on the shared API (infra/api.py); the handler strips
+    its MAAS_POOL_PATH so the routes are those of every pool."""
+    monkeypatch.setenv("MAAS_POOL_PATH", "/image")
+    event = sam_event("aws-proxy", "--method", "POST", "--stage", "dev", "--resource", "/image/v2/{proxy+}",
+                      "--path", "image/v2/models/iris/infer", "--body", orjson.dumps(EXAMPLE_REQUEST).decode())
+    image_pool = load_handler("inference", "maas_fn_inference_image")
+    status, body = respond(image_pool, with_token(event, stack_world["invoke"]))
+    assert status == 200, body
+    assert_iris_answer(body)
+    # without the prefix setting, /image/... is not a route
+    monkeypatch.delenv("MAAS_POOL_PATH")
+    status, _ = respond(load_handler("inference", "maas_fn_inference_zip"), with_token(event, stack_world["invoke"]))
+    assert status == 404
