@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +65,42 @@ def large_model(factor: float = 2.0) -> bytes:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
         initializer=[numpy_helper.from_array(weights, "w")],
     )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+def mlp_model(dims: tuple[int, ...] = (64, 256, 10), *, seed: int = 0, gemm: bool = False,
+              label: bool = True, logit_scale: float = 4.0) -> bytes:
+    """A seeded MLP over FP32 [batch, dims[0]]: MatMul + Add (or Gemm) layers with Relu between them,
+    returning the logits ``y`` and, with ``label``, their ArgMax ``label`` (INT64 [batch]).
+    ``logit_scale`` spreads the logits so labels rarely sit on a near-tie. What int8 quantization is for."""
+    rng = np.random.default_rng(seed)
+    nodes, initializers, previous = [], [], "x"
+    layers = list(itertools.pairwise(dims))
+    for i, (fan_in, fan_out) in enumerate(layers):
+        weights = rng.standard_normal((fan_in, fan_out)) / np.sqrt(fan_in)
+        if i == len(layers) - 1:
+            weights *= logit_scale
+        bias = rng.standard_normal(fan_out) * 0.1
+        initializers += [numpy_helper.from_array(weights.astype(np.float32), f"w{i}"),
+                         numpy_helper.from_array(bias.astype(np.float32), f"b{i}")]
+        if gemm:
+            nodes.append(helper.make_node("Gemm", [previous, f"w{i}", f"b{i}"], [f"h{i}"]))
+        else:
+            nodes += [helper.make_node("MatMul", [previous, f"w{i}"], [f"m{i}"]),
+                      helper.make_node("Add", [f"m{i}", f"b{i}"], [f"h{i}"])]
+        previous = f"h{i}"
+        if i < len(layers) - 1:
+            nodes.append(helper.make_node("Relu", [previous], [f"r{i}"]))
+            previous = f"r{i}"
+    nodes.append(helper.make_node("Identity", [previous], ["y"]))
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", dims[-1]])]
+    if label:
+        nodes.append(helper.make_node("ArgMax", ["y"], ["label"], axis=1, keepdims=0))
+        outputs.append(helper.make_tensor_value_info("label", TensorProto.INT64, ["batch"]))
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", dims[0]])],
+                              outputs, initializer=initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     return model.SerializeToString()

@@ -17,6 +17,7 @@ from maas.ports import Backend
 from maas.services.aliases import AliasService
 from maas.services.deployments import DeploymentService
 from maas.services.models import ModelService
+from maas.services.optimize import OptimizeService
 from maas.services.serving import ServingResolver
 from maas.services.tokens import TokenCache as TokenCache  # re-exported: maas.api.app imports it from here
 from maas.services.tokens import TokenService
@@ -35,6 +36,7 @@ class Services:
     resolver: ServingResolver
     engine: InferenceEngine
     metrics: PrometheusMetrics
+    optimize: OptimizeService
 
 
 def get_services(request: Request) -> Services:

@@ -84,21 +84,40 @@ class ModelService:
 
     # --- versions -----------------------------------------------------------------------------
     def begin_version(self, name: str, *, created_by: str = "", description: str = "",
-                      plan: UploadPlan | None = None) -> PendingVersion:
+                      plan: UploadPlan | None = None, parent_version: int | None = None) -> PendingVersion:
+        """Reserve the next version (PENDING) and an upload for its bytes. ``parent_version`` records
+        lineage for a derived version (e.g. quantized); it must exist (NotFound otherwise)."""
         check_model_name(name)
         if len(description) > 4096:
             raise InvalidInput("description must be at most 4096 characters", field="description")
+        if parent_version is not None:
+            parent_version = check_version_number(parent_version)
         plan = self._check_plan(plan or UploadPlan())
         self._registry.get_model(name)
         upload = self._artifacts.create_upload(name, plan=plan)
         try:
             version = self._registry.allocate_version(
-                name, created_by=created_by, upload_id=upload.upload_id, description=description
+                name, created_by=created_by, upload_id=upload.upload_id, description=description,
+                parent_version=parent_version,
             )
         except BaseException:
             self._artifacts.discard_upload(upload.upload_id)
             raise
         return PendingVersion(version=version, upload=upload)
+
+    def abort_version(self, name: str, version: int, reason: str) -> None:
+        """Give up on a PENDING version, as a failed commit does: FAILED with ``reason`` (cleanup removes
+        it) and its staged upload discarded. A version that got READY or FAILED meanwhile is left as is."""
+        current = self._registry.get_version(check_model_name(name), check_version_number(version))
+        if current.status is VersionStatus.READY:
+            return
+        if current.status is VersionStatus.PENDING:
+            try:
+                self._registry.mark_failed(name, version, reason)
+            except Conflict:
+                return  # committed meanwhile: nothing half done is left
+        if current.upload_id is not None:
+            self._artifacts.discard_upload(current.upload_id)
 
     def _check_plan(self, plan: UploadPlan) -> UploadPlan:
         """The upload plan is optional, but what is given must be coherent: S3 enforces it later."""

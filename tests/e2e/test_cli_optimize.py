@@ -1,0 +1,66 @@
+"""`maas models optimize` and `maas models push --optimize` against a real `maas serve` (CLI in-process)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from maas.cli.main import app
+from tests.e2e.conftest import Server
+from tests.models import mlp_model, scale_model
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def run(server: Server, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    for key, value in server.env().items():
+        if key.startswith("MAAS_"):
+            monkeypatch.setenv(key, value)
+    runner = CliRunner()
+
+    def invoke(*args: str, code: int = 0) -> str:
+        result = runner.invoke(app, list(args), catch_exceptions=False)
+        assert result.exit_code == code, f"maas {' '.join(args)} -> {result.exit_code}\n{result.output}"
+        return result.output
+
+    return invoke
+
+
+def test_models_optimize(run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    model_file = tmp_path / "mlp.onnx"
+    model_file.write_bytes(mlp_model())
+    run("models", "push", "cli-opt", str(model_file))
+    printed = run("models", "optimize", "cli-opt", "1", "--tolerance", "0.05")
+    assert "version 1 optimized into version 2" in printed
+    assert "size" in printed and "KiB" in printed and "p50 latency" in printed and " ms" in printed
+    assert "max abs diff" in printed and "tolerance 0.05" in printed
+    assert "maas deploy cli-opt 2" in printed
+    again = json.loads(run("--json", "models", "optimize", "cli-opt", "1"))
+    assert again["version"]["version"] == 2 and again["version"]["parent_version"] == 1
+    assert again["report"]["reused"] is True
+    assert "already optimized as version 2" in run("models", "optimize", "cli-opt", "1")
+    rejected = run("models", "optimize", "cli-opt", "1", "--tolerance", "0", code=1)
+    assert "Model rejected" in rejected and "over the tolerance of 0" in rejected  # the existing v2 was measured
+    run("models", "optimize", "cli-opt", "1", "--tolerance", "5", code=2)  # out of range: usage error
+
+
+def test_push_with_optimize(run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    model_file = tmp_path / "mlp.onnx"
+    model_file.write_bytes(mlp_model(seed=1))
+    printed = run("models", "push", "cli-pushopt", str(model_file), "--optimize")
+    assert "cli-pushopt version 1: READY" in printed
+    assert "version 1 optimized into version 2" in printed and "maas deploy cli-pushopt 2" in printed
+    both = json.loads(run("--json", "models", "push", "cli-pushopt", str(model_file), "--optimize",
+                          "--tolerance", "0.1"))
+    assert both["pushed"]["version"] == 3
+    assert both["optimized"]["version"]["version"] == 4 and both["optimized"]["version"]["parent_version"] == 3
+    assert both["optimized"]["report"]["derived_bytes"] < both["optimized"]["report"]["parent_bytes"]
+    # Nothing to quantize: the push stands, the command says why optimizing failed and exits 1.
+    plain = tmp_path / "scale.onnx"
+    plain.write_bytes(scale_model(2.0))
+    failed = run("models", "push", "cli-pushopt", str(plain), "--optimize", code=1)
+    assert "version 5 was pushed, but optimizing it failed" in failed and "nothing to quantize" in failed
