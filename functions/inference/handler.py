@@ -11,6 +11,13 @@ onnxruntime) loads once, at init, with the clients, the engine and the caches:
   reaches warm containers within seconds without a DynamoDB read per request;
 * tokens through the 5 s ``TokenCache``.
 
+A model whose route targets ``sagemaker`` (large or GPU models) is not run here: its infer requests go
+to its SageMaker endpoint (``InvokeEndpoint``, the same OIP v2 body; the binary extension's header
+length rides in the content type), and the answer comes back as the endpoint gave it, with the version
+header naming the version that answered (the one the answer reports, else the route's stable one). The
+SageMaker module and client load on the first such request only, so Lambda-served models pay nothing
+for it.
+
 Environment: ``MAAS_BUCKET`` / ``MAAS_TABLE`` (the backend), ``MAAS_ARTIFACT_CACHE_DIR`` (default
 ``/tmp/maas-artifacts``), ``MAAS_ARTIFACT_CACHE_BYTES`` (default 512 MiB), ``MAAS_ROUTE_TTL_S``
 (default 2), the ``MAAS_*`` limits of ``maas.settings`` and Powertools' variables.
@@ -28,7 +35,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import boto3  # noqa: F401  # the SDK loads during init (billed at full CPU), never on a request
 import orjson
@@ -36,7 +43,7 @@ import orjson
 from maas import __version__
 from maas.backends.aws import AwsBackend
 from maas.backends.aws.telemetry import EmfMetrics, correlation_id, get_logger, get_tracer
-from maas.domain import ModelVersion, Scope, Token, VersionStatus
+from maas.domain import ModelVersion, Route, Scope, Token, VersionStatus
 from maas.errors import (
     BadRequest,
     InvalidInput,
@@ -87,6 +94,7 @@ _NAME = re.compile(NAME_PATTERN)
 _VERSION = re.compile(VERSION_PATTERN)
 _MODEL_ROUTE = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer)?")
 METADATA_LIMIT = 1000  # the versions listed in model metadata, as the API does
+SAGEMAKER_TARGET = "sagemaker"  # Route.target of models served by a SageMaker endpoint
 
 logger = get_logger(SERVICE)
 tracer = get_tracer(SERVICE)
@@ -267,6 +275,12 @@ def check_path(name: str, version: str | None) -> None:
 # ---------------------------------------------------------------------------------------- the function
 
 
+class EndpointInvoker(Protocol):
+    """What the proxy needs of a SageMaker target (``maas.backends.aws.sagemaker.SageMakerInvoker``)."""
+
+    def invoke(self, model: str, body: bytes, content_type: str) -> tuple[bytes, str]: ...
+
+
 @dataclass(slots=True)
 class _Call:
     """What one invocation learned, for its metrics."""
@@ -282,7 +296,9 @@ class InferenceFunction:
 
     def __init__(self, backend: Backend, settings: Settings, *, cache_dir: Path, cache_bytes: int,
                  route_ttl_s: float = DEFAULT_ROUTE_TTL_S, metrics: EmfMetrics | None = None,
-                 clock: Callable[[], float] = time.perf_counter):
+                 clock: Callable[[], float] = time.perf_counter, endpoints: EndpointInvoker | None = None):
+        """``endpoints``: where requests for SageMaker-served models go (default: ``InvokeEndpoint``
+        through a client made on the first such request)."""
         self.backend = backend
         self.settings = settings
         self.metrics = metrics or EmfMetrics()
@@ -294,6 +310,7 @@ class InferenceFunction:
         self._max_bytes = settings.limits.max_request_bytes
         self._clock = clock
         self._cold = True
+        self._endpoints = endpoints
 
     def _fetch(self, version: ModelVersion) -> bytes:
         assert version.sha256 is not None
@@ -371,33 +388,90 @@ class InferenceFunction:
 
     # -- routes
 
+    @staticmethod
+    def _header_length(request: HttpRequest) -> int | None:
+        raw_length = request.headers.get(BINARY_HEADER.lower())
+        if raw_length is None:
+            return None
+        if not raw_length.isascii() or not raw_length.isdigit():
+            raise BadRequest(f"{BINARY_HEADER} must be a non-negative integer", field=BINARY_HEADER)
+        return int(raw_length)
+
+    def _sagemaker_route(self, name: str) -> Route | None:
+        route = self.resolver.route(name)
+        return route if route is not None and route.target == SAGEMAKER_TARGET else None
+
     def _infer(self, request: HttpRequest, name: str, ref: str | None, call: _Call) -> HttpResponse:
         self._authorize(request, name)
+        route = self._sagemaker_route(name)
+        if route is not None:
+            return self._proxy(request, name, ref, route, call)
         chosen = self.resolver.pick(name, ref)
         call.version = chosen.version
         tracer.put_annotation("model", name)
-        raw_length = request.headers.get(BINARY_HEADER.lower())
-        header_length: int | None = None
-        if raw_length is not None:
-            if not raw_length.isascii() or not raw_length.isdigit():
-                raise BadRequest(f"{BINARY_HEADER} must be a non-negative integer", field=BINARY_HEADER)
-            header_length = int(raw_length)
+        header_length = self._header_length(request)
         decoded = decode_request(request.body, header_length, self.settings.limits)
         call.engine_ran = True
         outputs = self.engine.infer(chosen, decoded)
         payload, json_length = encode_response(name, str(chosen.version), decoded.id, outputs,
                                                decoded.response_binary())
+        return self._answer(payload, json_length, chosen.version)
+
+    @staticmethod
+    def _answer(payload: bytes, json_length: int | None, version: int) -> HttpResponse:
         size = len(payload) if json_length is None else -(-len(payload) // 3) * 4
         if size > MAX_RESPONSE_BYTES:
             # Past the limit Lambda fails the invocation and API Gateway answers a bare 502.
             raise PayloadTooLarge(
                 f"the response would be {size} bytes, more than a Lambda function can return "
                 f"({MAX_RESPONSE_BYTES}); send a smaller batch or ask for binary outputs")
-        headers = {VERSION_HEADER: str(chosen.version)}
+        headers = {VERSION_HEADER: str(version)}
         if json_length is not None:
             headers[BINARY_HEADER] = str(json_length)
             return HttpResponse(200, payload, OCTET_STREAM, headers, binary=True)
         return HttpResponse(200, payload, JSON, headers)
+
+    def _endpoint_invoker(self) -> EndpointInvoker:
+        if self._endpoints is None:
+            # Imported on the first SageMaker-served request: Lambda-served models never load it.
+            from maas.backends.aws.sagemaker import sagemaker_invoker_from_env
+
+            self._endpoints = sagemaker_invoker_from_env()
+        return self._endpoints
+
+    def _proxy(self, request: HttpRequest, name: str, ref: str | None, route: Route, call: _Call) -> HttpResponse:
+        """An infer request for a model served by its SageMaker endpoint: the same OIP v2 body goes to
+        ``InvokeEndpoint``. The endpoint runs one version (two while SageMaker shifts traffic), so a
+        version named in the URL must be one the route serves."""
+        from maas.backends.aws.sagemaker import answer_header_length, answered_version, request_content_type
+
+        tracer.put_annotation("model", name)
+        served = {route.stable_version} if route.canary_version is None else {route.stable_version,
+                                                                               route.canary_version}
+        if ref is not None:
+            named = self.resolver.pick(name, ref).version
+            if named not in served:
+                raise NotReady(f"version {named} of {name!r} is not served: the model runs on a SageMaker "
+                               f"endpoint serving version {route.stable_version}")
+        call.version = route.stable_version
+        content_type = request_content_type(self._header_length(request))
+        invoker = self._endpoint_invoker()
+        call.engine_ran = True  # the endpoint's answer (or failure) is counted as the model's invocation
+        started = self._clock()
+        try:
+            payload, answer_type = invoker.invoke(name, request.body, content_type)
+            json_length = answer_header_length(answer_type)
+        except MaasError as error:
+            self.metrics.invocation(name, route.stable_version, latency_s=self._clock() - started,
+                                    error=error.status >= 500)
+            raise
+        except Exception:
+            self.metrics.invocation(name, route.stable_version, latency_s=self._clock() - started, error=True)
+            raise
+        version = answered_version(payload, json_length) or route.stable_version
+        call.version = version
+        self.metrics.invocation(name, version, latency_s=self._clock() - started, error=False)
+        return self._answer(payload, json_length, version)
 
     def _ready_versions(self, name: str) -> list[ModelVersion]:
         return [v for v in self.models.list_versions(name, METADATA_LIMIT, None).items
@@ -428,7 +502,8 @@ class InferenceFunction:
     def _readiness(self, name: str, ref: str | None) -> dict[str, Any]:
         try:
             chosen = self.resolver.pick(name, ref)
-            self.engine.warm(chosen)
+            if self._sagemaker_route(name) is None:  # a SageMaker endpoint's readiness is SageMaker's
+                self.engine.warm(chosen)
         except NotReady as error:
             raise NotReady(error.detail, extra={"name": name, "ready": False}) from None
         return {"name": name, "ready": True}

@@ -20,6 +20,7 @@ ENV_ARTIFACT_CACHE_BYTES = "MAAS_ARTIFACT_CACHE_BYTES"
 ENV_ROUTE_TTL = "MAAS_ROUTE_TTL_S"
 ENV_SAGEMAKER_ROLE = "MAAS_SAGEMAKER_ROLE_ARN"  # the execution role SageMaker models run under
 ENV_SAGEMAKER_IMAGE = "MAAS_SAGEMAKER_IMAGE_URI"  # the GPU serving image (functions/sagemaker)
+ENV_ROLLBACK_ALARMS = "MAAS_ROLLBACK_ALARMS"  # comma-separated CloudWatch alarms SageMaker updates roll back on
 #: SageMaker models, endpoint configs and endpoints maas creates are named with this prefix; the stack's
 #: IAM grants cover only those names.
 SAGEMAKER_NAME_PREFIX = "maas-"

@@ -5,6 +5,7 @@ stack gives a state machine. Same ports, same guarantees as the local backend.""
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ from maas.backends.aws.clients import make_client
 from maas.backends.aws.registry import DynamoRegistry
 from maas.domain import Signature
 from maas.errors import InvalidInput
-from maas.ports import ArtifactStore, DeployExecutor, Registry, Validator
+from maas.ports import ArtifactStore, DeployExecutor, EndpointTarget, Registry, Validator
 from maas.settings import ENV_BUCKET, ENV_ENDPOINT, ENV_STATE_MACHINE, ENV_TABLE, Settings
 
 
@@ -54,6 +55,7 @@ class AwsBackend:
                                                  page_size_max=settings.limits.page_size_max)
         self.artifacts: ArtifactStore = S3ArtifactStore(self.s3, bucket, settings.limits)
         self.validator: Validator = validator if validator is not None else LazyValidator(settings)
+        self._endpoint_targets: dict[str, EndpointTarget] | None = None
 
     @property
     def deploy_executor(self) -> DeployExecutor | None:
@@ -64,6 +66,18 @@ class AwsBackend:
             client = make_client("stepfunctions", endpoint_url=self._endpoint_url)
             self._deploy_executor = StepFunctionsExecutor(client, self.state_machine_arn)
         return self._deploy_executor
+
+    @property
+    def endpoint_targets(self) -> Mapping[str, EndpointTarget]:
+        """Deployment targets that shift traffic themselves: ``sagemaker`` where the stack configured it
+        (``MAAS_SAGEMAKER_ROLE_ARN`` and ``MAAS_SAGEMAKER_IMAGE_URI`` set, as on the deploy functions),
+        else none. Built on first use: functions that never deploy do not import it."""
+        if self._endpoint_targets is None:
+            from maas.backends.aws.sagemaker import TARGET, sagemaker_target_from_env
+
+            target = sagemaker_target_from_env(self.settings, self.bucket)
+            self._endpoint_targets = {TARGET: target} if target is not None else {}
+        return self._endpoint_targets
 
     @classmethod
     def from_env(cls, settings: Settings | None = None, **kwargs: Any) -> AwsBackend:
