@@ -5,13 +5,18 @@ For each forward step, in order, one Lambda task (its function is ``functions/de
 of the same name) that retries the step's transient errors (named after ``maas.errors`` classes, which
 is what a Python Lambda reports as the error name) and catches everything else into the rollback task,
 with the error at ``$.failure``. Rollback then ends in a Fail state, so a rolled-back deploy is a failed
-execution in the console and in the ``ExecutionsFailed`` alarm."""
+execution in the console and in the ``ExecutionsFailed`` alarm.
+
+The traffic loop comes from the same module: a Wait of ``WAIT_SECONDS_PATH`` seconds after
+``WAIT_AFTER`` (the bake, or a SageMaker poll interval: no Lambda is billed while it waits), and a
+Choice after ``LOOP_CHOICE_AFTER`` that goes on when ``DONE_PATH`` is true and otherwise returns to
+``LOOP_START`` (the next canary/linear step)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
-from aws_cdk import Duration, RemovalPolicy
+from aws_cdk import ArnFormat, Duration, RemovalPolicy, Stack
 from aws_cdk import aws_lambda as lambda_
 from aws_cdk import aws_logs as logs
 from aws_cdk import aws_stepfunctions as sfn
@@ -19,21 +24,36 @@ from aws_cdk import aws_stepfunctions_tasks as tasks
 from constructs import Construct
 
 from infra.config import StageConfig, log_retention
-from maas.services.deploy import ROLLBACK, WORKFLOW, StepSpec
+from maas.services.deploy import (
+    DONE_PATH,
+    LOOP_CHOICE_AFTER,
+    LOOP_START,
+    ROLLBACK,
+    WAIT_AFTER,
+    WAIT_SECONDS_PATH,
+    WORKFLOW,
+    StepSpec,
+)
 
 FAILED_STATE = "DeployFailed"
 SUCCEEDED_STATE = "Deployed"
+WAIT_STATE = "Bake"
+CHOICE_STATE = "TrafficFullyShifted"
 FAILURE_PATH = "$.failure"  # where Catch puts {"Error", "Cause"}: StepInput.failure
 EXECUTION_TIMEOUT = Duration.days(1)
 
 
-def state_name(step: StepSpec) -> str:
+def state_name_of(name: str) -> str:
     """``smoke_test`` -> ``SmokeTest``: the state's name in the console and in the contract test."""
-    return "".join(part.title() for part in step.name.value.split("_"))
+    return "".join(part.title() for part in name.split("_"))
+
+
+def state_name(step: StepSpec) -> str:
+    return state_name_of(step.name.value)
 
 
 class DeployWorkflow(Construct):
-    """``state_machine`` and its ``log_group``."""
+    """``state_machine``, its ``log_group`` and ``executions_arn`` (a pattern matching its executions)."""
 
     def __init__(self, scope: Construct, construct_id: str, *, config: StageConfig,
                  functions: Mapping[str, lambda_.IFunction]) -> None:
@@ -45,32 +65,46 @@ class DeployWorkflow(Construct):
         rollback = self._task(ROLLBACK, functions)
         rollback.next(sfn.Fail(self, FAILED_STATE, error="DeployFailed",
                                cause="a deploy step failed; the deployment was rolled back"))
-        first: sfn.IChainable | None = None
-        previous: tasks.LambdaInvoke | None = None
-        for step in WORKFLOW:
-            task = self._task(step, functions)
+        tasks = {step.name: self._task(step, functions) for step in WORKFLOW}
+        for task in tasks.values():
             task.add_catch(rollback, errors=[sfn.Errors.ALL], result_path=FAILURE_PATH)
-            if previous is None:
-                first = task
+        succeeded = sfn.Succeed(self, SUCCEEDED_STATE)
+        for index, step in enumerate(WORKFLOW):
+            following: sfn.IChainable = (tasks[WORKFLOW[index + 1].name] if index + 1 < len(WORKFLOW)
+                                         else succeeded)
+            if step.name == WAIT_AFTER:
+                wait = sfn.Wait(self, WAIT_STATE, time=sfn.WaitTime.seconds_path(WAIT_SECONDS_PATH),
+                                comment="bake: let the version take its share of traffic")
+                tasks[step.name].next(wait)
+                wait.next(following)
+            elif step.name == LOOP_CHOICE_AFTER:
+                choice = sfn.Choice(self, CHOICE_STATE, comment="all traffic shifted and healthy?")
+                tasks[step.name].next(choice)
+                choice.when(sfn.Condition.boolean_equals(DONE_PATH, True), following)
+                choice.otherwise(tasks[LOOP_START])
             else:
-                previous.next(task)
-            previous = task
-        assert first is not None and previous is not None, "WORKFLOW has no steps"
-        previous.next(sfn.Succeed(self, SUCCEEDED_STATE))
+                tasks[step.name].next(following)
+        first = tasks[WORKFLOW[0].name]
 
         self.log_group = logs.LogGroup(
             self, "Logs", retention=log_retention(config.log_retention_days),
             removal_policy=RemovalPolicy.RETAIN if config.retain_data else RemovalPolicy.DESTROY,
         )
+        name = f"maas-{config.name}-deploy"
+        #: every execution of this state machine (each is named after its deployment id)
+        self.executions_arn = Stack.of(self).format_arn(
+            service="states", resource="execution", resource_name=f"{name}:*",
+            arn_format=ArnFormat.COLON_RESOURCE_NAME)
         self.state_machine = sfn.StateMachine(
             self, "StateMachine",
-            state_machine_name=f"maas-{config.name}-deploy",
+            state_machine_name=name,
             state_machine_type=sfn.StateMachineType.STANDARD,
             definition_body=sfn.DefinitionBody.from_chainable(first),
             timeout=EXECUTION_TIMEOUT,
             tracing_enabled=True,
             logs=sfn.LogOptions(destination=self.log_group, level=sfn.LogLevel.ALL, include_execution_data=True),
             comment="maas deploy: " + " -> ".join(state_name(step) for step in WORKFLOW)
+                    + f" (looping back to {state_name_of(LOOP_START)} until all traffic is shifted)"
                     + f", any failure -> {state_name(ROLLBACK)}",
         )
 

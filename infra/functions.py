@@ -23,7 +23,7 @@ from constructs import Construct
 
 from infra.bundling import REPO_ROOT, layer_code
 from infra.config import StageConfig, log_retention
-from maas.services.deploy import ROLLBACK, WORKFLOW
+from maas.services.deploy import ROLLBACK, WORKFLOW, StepName
 from maas.settings import ENV_ARTIFACT_CACHE_DIR, ENV_POOL_PATH
 
 FUNCTIONS_DIR = REPO_ROOT / "functions"
@@ -31,6 +31,7 @@ RUNTIME = lambda_.Runtime.PYTHON_3_12
 IMAGE_POOL_PATH = "/image"
 API_TIMEOUT = Duration.seconds(29)  # API Gateway's integration timeout
 DEPLOY_TIMEOUT = Duration.minutes(5)  # a smoke test loads and runs the model
+OPTIMIZE_TIMEOUT = Duration.minutes(15)  # quantize, compare on samples, validate and commit a version
 CLEANUP_TIMEOUT = Duration.minutes(15)
 
 
@@ -43,7 +44,7 @@ class Functions(Construct):
     on), ``image_inference`` (container image; None without container pools), ``authorizer``,
     ``deploy_tasks`` (step name -> function, one per ``maas.services.deploy`` step), ``cleanup``, and
     the roles they run under: ``api_role``, ``inference_role``, ``authorizer_role``, ``deploy_role``,
-    ``cleanup_role``."""
+    ``optimize_role``, ``cleanup_role``."""
 
     def __init__(self, scope: Construct, construct_id: str, *, config: StageConfig,
                  environment: Mapping[str, str]) -> None:
@@ -60,6 +61,7 @@ class Functions(Construct):
         self.inference_role = self._role("InferenceRole", "inference")
         self.authorizer_role = self._role("AuthorizerRole", "token authorizer")
         self.deploy_role = self._role("DeployRole", "deploy workflow tasks")
+        self.optimize_role = self._role("OptimizeRole", "deploy workflow's optimize task (registers a version)")
         self.cleanup_role = self._role("CleanupRole", "scheduled store cleanup")
 
         self.api = self._function(
@@ -89,9 +91,14 @@ class Functions(Construct):
         )
         self.deploy_tasks: dict[str, lambda_.Function] = {}
         for step in (*WORKFLOW, ROLLBACK):
+            # The optimize step registers a new (quantized) version: it needs onnx and the quantizer (the api
+            # layer), write access to the store, and time; every other step only reads models.
+            optimizing = step.name is StepName.OPTIMIZE
             self.deploy_tasks[step.name.value] = self._function(
-                f"Deploy{_camel(step.name.value)}", "deploy", f"handler.{step.name.value}", role=self.deploy_role,
-                layers=[self.inference_layer], memory=config.deploy_memory_mb, timeout=DEPLOY_TIMEOUT,
+                f"Deploy{_camel(step.name.value)}", "deploy", f"handler.{step.name.value}",
+                role=self.optimize_role if optimizing else self.deploy_role,
+                layers=[self.api_layer if optimizing else self.inference_layer], memory=config.deploy_memory_mb,
+                timeout=OPTIMIZE_TIMEOUT if optimizing else DEPLOY_TIMEOUT,
                 reserved=config.deploy_reserved_concurrency, description=f"maas deploy step: {step.description}",
             )
         self.cleanup = self._function(

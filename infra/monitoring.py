@@ -36,7 +36,9 @@ def per_model(metric: str, statistic: str, label: str) -> cloudwatch.MathExpress
 
 
 class Monitoring(Construct):
-    """``topic`` (alarm notifications), ``alarms`` (name -> alarm) and ``dashboard``."""
+    """``topic`` (alarm notifications), ``alarms`` (name -> alarm), ``alarm_names`` and
+    ``rollback_alarm_names`` (fixed names, so the deploy tasks can name them without a dependency cycle
+    through the state machine) and ``dashboard``."""
 
     def __init__(self, scope: Construct, construct_id: str, *, config: StageConfig, rest_api: apigw.RestApi,
                  inference: Sequence[lambda_.IFunction], management: lambda_.IFunction,
@@ -71,32 +73,40 @@ class Monitoring(Construct):
         )
         self.alarms: dict[str, cloudwatch.Alarm] = {
             "InferenceErrorRate": error_rate.create_alarm(
-                self, "InferenceErrorRate", threshold=config.alarm_error_rate_percent,
+                self, "InferenceErrorRate", alarm_name=f"maas-{config.name}-InferenceErrorRate",
+                threshold=config.alarm_error_rate_percent,
                 evaluation_periods=3, datapoints_to_alarm=2,
                 comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_THRESHOLD,
                 treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
                 alarm_description=f"inference functions fail more than {config.alarm_error_rate_percent}% of calls",
             ),
             "ApiLatencyP99": latency.create_alarm(
-                self, "ApiLatencyP99", threshold=config.alarm_p99_latency_ms,
+                self, "ApiLatencyP99", alarm_name=f"maas-{config.name}-ApiLatencyP99",
+                threshold=config.alarm_p99_latency_ms,
                 evaluation_periods=3, datapoints_to_alarm=2,
                 comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_THRESHOLD,
                 treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
                 alarm_description=f"API p99 latency above {config.alarm_p99_latency_ms:g} ms",
             ),
             "Throttles": throttles.create_alarm(
-                self, "Throttles", threshold=config.alarm_throttles, evaluation_periods=1,
+                self, "Throttles", alarm_name=f"maas-{config.name}-Throttles",
+                threshold=config.alarm_throttles, evaluation_periods=1,
                 comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD,
                 treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
                 alarm_description="Lambda is throttling maas functions: raise reserved concurrency or limits",
             ),
             "FailedDeploys": state_machine.metric_failed(period=Duration.minutes(5), statistic="Sum").create_alarm(
-                self, "FailedDeploys", threshold=1, evaluation_periods=1,
+                self, "FailedDeploys", alarm_name=f"maas-{config.name}-FailedDeploys",
+                threshold=1, evaluation_periods=1,
                 comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD,
                 treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
                 alarm_description="a deploy failed and was rolled back",
             ),
         }
+        self.alarm_names = [f"maas-{config.name}-{key}" for key in self.alarms]
+        #: what a SageMaker blue/green update rolls back on: serving errors and latency (requests to
+        #: SageMaker models go through the inference function, so its alarms see the new variant's failures)
+        self.rollback_alarm_names = [f"maas-{config.name}-{key}" for key in ("InferenceErrorRate", "ApiLatencyP99")]
         for alarm in self.alarms.values():
             alarm.add_alarm_action(actions.SnsAction(self.topic))
             alarm.add_ok_action(actions.SnsAction(self.topic))

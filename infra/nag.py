@@ -49,8 +49,8 @@ def acknowledge_findings(stack: MaasStack) -> None:
         "AmazonAPIGatewayPushToCloudWatchLogs]":
             "API Gateway's account-level logging role; AWS maintains this policy for exactly that purpose",
         "AwsSolutions-IAM5[Resource::*]":
-            "X-Ray PutTraceSegments/PutTelemetryRecords, ecr:GetAuthorizationToken and cloudwatch:PutMetricData "
-            "(the latter conditioned on the namespace) support no resource-level permissions",
+            "X-Ray PutTraceSegments/PutTelemetryRecords, ecr:GetAuthorizationToken, cloudwatch:GetMetricData "
+            "and cloudwatch:PutMetricData (conditioned on the namespace) support no resource-level permissions",
         f"AwsSolutions-IAM5[Resource::{bucket}/*]": OBJECTS_REASON,
         f"AwsSolutions-IAM5[Resource::{bucket}/models/*]": OBJECTS_REASON,
         f"AwsSolutions-IAM5[Resource::{sagemaker}model/{SAGEMAKER_NAME_PREFIX}*]":
@@ -63,6 +63,10 @@ def acknowledge_findings(stack: MaasStack) -> None:
         + "log-group:/aws/sagemaker/Endpoints/maas-*]":
             "SageMaker names each endpoint's log group after the endpoint: maas-prefixed endpoints only",
     }
+    stack_wide["AwsSolutions-IAM5[Resource::" + partition_region_account.format(service="states")
+               + f"execution:maas-{stack.config.name}-deploy:*]"] = (
+        "a manual rollback stops the deploy's execution; executions are named at run time (the deployment "
+        "id), under this state machine only")
     for task in stack.functions.deploy_tasks.values():
         stack_wide[f"AwsSolutions-IAM5[Resource::{_arn_of(stack, task)}:*]"] = (
             "Step Functions invokes the deploy task function's versions and aliases (<function arn>:*)")

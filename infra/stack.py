@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from aws_cdk import App, CfnOutput, Environment, Stack, Tags, Validations
+from aws_cdk import App, ArnFormat, CfnOutput, Environment, Stack, Tags, Validations
 from aws_cdk import aws_iam as iam
 from cdk_nag import AwsSolutionsChecks
 from constructs import Construct
@@ -22,7 +22,14 @@ from infra.gpu import GpuPath
 from infra.model_store import INDEX_NAME, MODELS_PREFIX, ModelStore
 from infra.monitoring import NAMESPACE, Monitoring
 from infra.nag import acknowledge_findings
-from maas.settings import ENV_BUCKET, ENV_SAGEMAKER_IMAGE, ENV_SAGEMAKER_ROLE, ENV_STATE_MACHINE, ENV_TABLE
+from maas.settings import (
+    ENV_BUCKET,
+    ENV_ROLLBACK_ALARMS,
+    ENV_SAGEMAKER_IMAGE,
+    ENV_SAGEMAKER_ROLE,
+    ENV_STATE_MACHINE,
+    ENV_TABLE,
+)
 
 REGISTRY_READ = ("dynamodb:GetItem", "dynamodb:Query")
 REGISTRY_WRITE = (*REGISTRY_READ, "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem",
@@ -73,6 +80,10 @@ class MaasStack(Stack):
         self.monitoring = Monitoring(self, "Monitoring", config=config, rest_api=self.api.rest_api,
                                      inference=inference_functions, management=self.functions.api,
                                      state_machine=self.workflow.state_machine)
+        # SageMaker's blue/green update rolls back on its own when one of these alarms fires.
+        alarm_names = ",".join(self.monitoring.rollback_alarm_names)
+        for task in self.functions.deploy_tasks.values():
+            task.add_environment(ENV_ROLLBACK_ALARMS, alarm_names)
         self._grant()
 
         outputs = {
@@ -96,24 +107,39 @@ class MaasStack(Stack):
         def allow(role: iam.IRole, actions: tuple[str, ...], resources: list[str]) -> None:
             role.add_to_principal_policy(iam.PolicyStatement(actions=list(actions), resources=resources))
 
-        # Management API and cleanup: the whole store (uploads and models) and the registry.
-        for role in (functions.api_role, functions.cleanup_role):
+        # Management API, cleanup and the optimize task (it registers a version): the whole store
+        # (uploads and models) and the registry.
+        for role in (functions.api_role, functions.cleanup_role, functions.optimize_role):
             allow(role, OBJECT_WRITE, [everything])
             allow(role, BUCKET_LIST, [bucket.bucket_arn])
             allow(role, REGISTRY_WRITE, table_arns)
         self.workflow.state_machine.grant_start_execution(functions.api_role)
+        # a manual rollback stops the deploy's execution (named after the deployment id)
+        allow(functions.api_role, ("states:StopExecution", "states:DescribeExecution"),
+              [self.workflow.executions_arn])
         # Deploy tasks: registry writes, committed models read (smoke test), SageMaker endpoints.
         allow(functions.deploy_role, REGISTRY_WRITE, table_arns)
         allow(functions.deploy_role, OBJECT_READ, [models])
         self.gpu.grant_manage_endpoints(functions.deploy_role)
+        # check_health reads the canary's metrics (GetMetricData has no resource-level permissions)
+        functions.deploy_role.add_to_principal_policy(iam.PolicyStatement(
+            actions=["cloudwatch:GetMetricData"], resources=["*"]))
         # Inference: read routes, versions and tokens; read committed models; call maas endpoints.
         allow(functions.inference_role, REGISTRY_READ, [table.table_arn])
         allow(functions.inference_role, OBJECT_READ, [models])
         self.gpu.grant_invoke_endpoints(functions.inference_role)
         # Authorizer: token lookups only.
         allow(functions.authorizer_role, ("dynamodb:GetItem",), [table.table_arn])
-        # SageMaker endpoints load committed models.
+        # SageMaker endpoints load committed models (it lists the version's prefix, then downloads it).
         allow(self.gpu.execution_role, OBJECT_READ, [models])
+        self.gpu.execution_role.add_to_principal_policy(iam.PolicyStatement(
+            actions=["s3:ListBucket"], resources=[bucket.bucket_arn],
+            conditions={"StringLike": {"s3:prefix": [f"{MODELS_PREFIX}*"]}}))
+        # an endpoint update names the alarms that roll it back
+        allow(functions.deploy_role, ("cloudwatch:DescribeAlarms",),
+              [self.format_arn(service="cloudwatch", resource="alarm", resource_name=name,
+                               arn_format=ArnFormat.COLON_RESOURCE_NAME)
+               for name in self.monitoring.rollback_alarm_names])
 
 
 def build_app(context: Mapping[str, Any] | None = None, *, nag: bool = True,

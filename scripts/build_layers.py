@@ -89,6 +89,10 @@ class TrimRule:
     why: str
     kind: Literal["any", "dir", "file"] = "any"
     unless_referenced: bool = False
+    only_layers: tuple[str, ...] = ()  # empty: every layer
+
+    def applies_to(self, layer: str) -> bool:
+        return not self.only_layers or layer in self.only_layers
 
 
 TRIM_RULES: tuple[TrimRule, ...] = (
@@ -101,9 +105,12 @@ TRIM_RULES: tuple[TrimRule, ...] = (
     TrimRule("numpy/_pyinstaller", "PyInstaller hooks", "dir"),
     # Not numpy/typing: onnx.numpy_helper imports numpy.typing at import time (and it is only 13 KB).
     TrimRule("onnx/backend/test", "ONNX backend conformance models and data (17 MB)", "dir"),
-    TrimRule("onnxruntime/transformers", "model optimisation tooling (offline)", "dir"),
+    # onnxruntime.quantization imports onnxruntime.transformers.onnx_utils: the api layer keeps both.
+    TrimRule("onnxruntime/transformers", "model optimisation tooling (offline)", "dir", only_layers=("inference",)),
     TrimRule("onnxruntime/tools", "conversion and profiling tools (offline)", "dir"),
-    TrimRule("onnxruntime/quantization", "offline quantisation (needs onnx + ml_dtypes)", "dir"),
+    # The api layer keeps it: the optimize step (int8 dynamic quantization) runs with that layer.
+    TrimRule("onnxruntime/quantization", "offline quantisation (needs onnx + ml_dtypes)", "dir",
+             only_layers=("inference",)),
     TrimRule("onnxruntime/datasets", "sample models", "dir"),
     TrimRule("onnxruntime/backend", "ONNX backend-test adapter (imports onnx)", "dir"),
     TrimRule(
@@ -137,6 +144,8 @@ SMOKE_IMPORTS: dict[str, tuple[str, ...]] = {
         "aws_lambda_powertools",
         "maas.api",
         "maas.inference.validation",
+        "maas.inference.optimize",
+        "onnxruntime.quantization",
     ),
 }
 
@@ -846,7 +855,7 @@ def build_layer(
         )
 
     started = time.perf_counter()
-    trimmed = apply_trim_rules(site_dir, rules)
+    trimmed = apply_trim_rules(site_dir, [rule for rule in rules if rule.applies_to(layer)])
     seconds["trim"] = time.perf_counter() - started
 
     stripped_bytes = 0

@@ -11,11 +11,27 @@ import pytest
 from aws_cdk.assertions import Match
 
 from infra.config import DEV, PROD, stage_config
-from infra.deploy_workflow import FAILED_STATE, FAILURE_PATH, SUCCEEDED_STATE, state_name
+from infra.deploy_workflow import (
+    CHOICE_STATE,
+    FAILED_STATE,
+    FAILURE_PATH,
+    SUCCEEDED_STATE,
+    WAIT_STATE,
+    state_name,
+    state_name_of,
+)
 from infra.gpu import ENDPOINT_ACTIONS
 from maas.backends.aws.table import table_definition
 from maas.errors import InvalidInput
-from maas.services.deploy import ROLLBACK, WORKFLOW
+from maas.services.deploy import (
+    DONE_PATH,
+    LOOP_CHOICE_AFTER,
+    LOOP_START,
+    ROLLBACK,
+    WAIT_AFTER,
+    WAIT_SECONDS_PATH,
+    WORKFLOW,
+)
 from maas.settings import (
     ENV_BUCKET,
     ENV_POOL_PATH,
@@ -288,6 +304,9 @@ def test_api_role_manages_the_store_and_starts_deploys(dev: Synthesized) -> None
     for action in ("dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:ConditionCheckItem", "dynamodb:Query"):
         assert f"<{dev.logical_id(dev.stack.store.table)}.Arn>" in allowed[action]
     assert allowed["states:StartExecution"] == {f"<{dev.logical_id(dev.stack.workflow.state_machine)}>"}
+    # a manual rollback stops the execution of this state machine only
+    assert allowed["states:StopExecution"] == {
+        "arn:<AWS::Partition>:states:<AWS::Region>:<AWS::AccountId>:execution:maas-dev-deploy:*"}
     assert not [a for a in allowed if a.startswith(("sagemaker:", "iam:"))]
 
 
@@ -303,6 +322,24 @@ def test_deploy_role_and_sagemaker_role(dev: Synthesized) -> None:
     (pass_role,) = [s for s in statements_of(dev, dev.stack.functions.deploy_role) if s["Action"] == "iam:PassRole"]
     assert pass_role["Condition"] == {"StringEquals": {"iam:PassedToService": "sagemaker.amazonaws.com"}}
     assert "s3:PutObject" not in allowed and "s3:DeleteObject" not in allowed  # deploys never write artifacts
+    assert allowed["cloudwatch:GetMetricData"] == {"*"}  # check_health reads the canary's metrics
+    # SageMaker's blue/green updates roll back on the serving alarms, named on every deploy task
+    from maas.settings import ENV_ROLLBACK_ALARMS
+
+    assert function_by_handler(dev, "handler.shift_traffic")["Environment"]["Variables"][ENV_ROLLBACK_ALARMS] == (
+        "maas-dev-InferenceErrorRate,maas-dev-ApiLatencyP99")
+    alarm_names = {a["Properties"]["AlarmName"] for a in dev.resources("AWS::CloudWatch::Alarm").values()}
+    assert {"maas-dev-InferenceErrorRate", "maas-dev-ApiLatencyP99"} <= alarm_names
+    # ...except the optimize task, which registers the quantized version: its own role, the api layer (onnx,
+    # the quantizer) and a longer timeout
+    optimize = dev.stack.functions.deploy_tasks["optimize"]
+    props = dev.raw["Resources"][dev.logical_id(optimize)]["Properties"]
+    assert props["Role"] == {"Fn::GetAtt": [dev.logical_id(dev.stack.functions.optimize_role), "Arn"]}
+    assert {"Ref": dev.logical_id(dev.stack.functions.api_layer)} in props["Layers"]
+    assert props["Timeout"] == 900
+    optimize_allowed = actions_on(statements_of(dev, dev.stack.functions.optimize_role))
+    assert "s3:PutObject" in optimize_allowed and "dynamodb:TransactWriteItems" not in optimize_allowed
+    assert not [a for a in optimize_allowed if a.startswith(("sagemaker:", "iam:"))]
     # SageMaker's execution role: assumed by SageMaker only, reads committed models, pulls the image
     role = dev.raw["Resources"][dev.logical_id(gpu.execution_role)]["Properties"]
     assert role["AssumeRolePolicyDocument"]["Statement"][0]["Principal"] == {"Service": "sagemaker.amazonaws.com"}
@@ -391,23 +428,35 @@ def test_outputs(dev: Synthesized) -> None:
 
 def test_state_machine_is_the_step_list(dev: Synthesized) -> None:
     definition = state_machine_definition(dev)
+    states = definition["States"]
     forward = [state_name(step) for step in WORKFLOW]
     assert definition["StartAt"] == forward[0]
-    assert set(definition["States"]) == {*forward, state_name(ROLLBACK), SUCCEEDED_STATE, FAILED_STATE}
+    assert set(states) == {*forward, state_name(ROLLBACK), SUCCEEDED_STATE, FAILED_STATE, WAIT_STATE, CHOICE_STATE}
     tasks = dev.stack.functions.deploy_tasks
     for index, step in enumerate(WORKFLOW):
-        state = definition["States"][state_name(step)]
+        state = states[state_name(step)]
         assert state["Type"] == "Task"
         assert state["Resource"] == f"<{dev.logical_id(tasks[step.name.value])}.Arn>"
-        assert state["Next"] == (forward[index + 1] if index + 1 < len(forward) else SUCCEEDED_STATE)
+        following = forward[index + 1] if index + 1 < len(forward) else SUCCEEDED_STATE
+        if step.name == WAIT_AFTER:  # the bake: a Wait on the step's own output, then on
+            assert state["Next"] == WAIT_STATE
+            assert states[WAIT_STATE] == {"Type": "Wait", "SecondsPath": WAIT_SECONDS_PATH, "Next": following,
+                                          "Comment": states[WAIT_STATE]["Comment"]}
+        elif step.name == LOOP_CHOICE_AFTER:  # done: on to promote; else back to the next traffic step
+            assert state["Next"] == CHOICE_STATE
+            choice = states[CHOICE_STATE]
+            assert choice["Choices"] == [{"Variable": DONE_PATH, "BooleanEquals": True, "Next": following}]
+            assert choice["Default"] == state_name_of(LOOP_START)
+        else:
+            assert state["Next"] == following
         assert state["Catch"] == [{"ErrorEquals": ["States.ALL"], "ResultPath": FAILURE_PATH,
                                    "Next": state_name(ROLLBACK)}]
         retried = {error for retry in state.get("Retry", []) for error in retry["ErrorEquals"]}
         assert set(step.retry_on) <= retried
-    rollback = definition["States"][state_name(ROLLBACK)]
+    rollback = states[state_name(ROLLBACK)]
     assert rollback["Resource"] == f"<{dev.logical_id(tasks[ROLLBACK.name.value])}.Arn>"
     assert rollback["Next"] == FAILED_STATE and "Catch" not in rollback
-    assert definition["States"][FAILED_STATE]["Type"] == "Fail"
+    assert states[FAILED_STATE]["Type"] == "Fail"
 
 
 def test_state_machine_is_standard_logged_and_traced(dev: Synthesized) -> None:

@@ -411,3 +411,15 @@ def test_real_inference_layer_build_for_x86_64(tmp_path: Path) -> None:
     if python312 and platform.system() == "Linux" and platform.machine() == "x86_64":
         assert result.smoke_tested and not result.compile_errors
         assert list(site.glob("numpy/__pycache__/*.cpython-312.pyc"))
+
+
+def test_the_api_layer_keeps_the_quantizer_the_inference_layer_drops(tmp_path: Path) -> None:
+    """The optimize step (int8 quantization) runs with the api layer; the inference layer never quantizes."""
+    for layer, kept in (("inference", False), ("api", True)):
+        root = tmp_path / layer
+        synthetic_layer(root)
+        bl.apply_trim_rules(root, [rule for rule in bl.TRIM_RULES if rule.applies_to(layer)])
+        assert (root / "onnxruntime/quantization/quantize.py").exists() is kept, layer
+        # the quantizer imports onnxruntime.transformers.onnx_utils
+        assert (root / "onnxruntime/transformers/optimizer.py").exists() is kept, layer
+        assert not (root / "onnxruntime/tools").exists()
