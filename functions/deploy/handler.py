@@ -1,14 +1,18 @@
 """Deploy-side Lambda tasks, one entry per task: the deploy workflow's steps (``validate``,
-``smoke_test``, ``promote``, ``rollback``: the Step Functions state machine built from
-``maas.services.deploy.WORKFLOW`` invokes them) and the scheduled store ``cleanup``.
+``optimize``, ``smoke_test``, ``shift_traffic``, ``check_health``, ``promote``, ``rollback``: the Step
+Functions state machine built from ``maas.services.deploy.WORKFLOW`` invokes them) and the scheduled
+store ``cleanup``.
 
 Each step entry takes the state's input (``maas.services.deploy.StepInput``: ``model``,
-``deployment_id`` and, for rollback, the Catch's ``failure``) and returns the next state's input. A
-step's ``MaasError`` propagates unwrapped: Lambda reports the exception's class name as the error
-name (``Unavailable``, ``Conflict``...), which the state machine's Retry and Catch match.
+``deployment_id``, ``wait_seconds`` / ``done`` between the traffic steps and, for rollback, the
+Catch's ``failure``) and returns the next state's input. A step's ``MaasError`` propagates unwrapped:
+Lambda reports the exception's class name as the error name (``Unavailable``, ``Unhealthy``...), which
+the state machine's Retry and Catch match.
 
-The smoke test loads the version with the inference engine (onnxruntime, from the inference layer),
-imported on the first smoke test so the other tasks start without it.
+The smoke test runs the version with the inference engine (onnxruntime, from the inference layer) on
+inputs made from its signature, imported on the first smoke test so the other tasks start without it;
+``optimize`` quantizes (onnxruntime.quantization) likewise on first use. ``check_health`` reads the
+canary's metrics from CloudWatch (the EMF metrics the inference function publishes).
 
 ``cleanup`` is the AWS half of "nothing orphaned": uploads that never committed expire (the bucket's
 lifecycle rule on ``uploads/`` is the backstop), PENDING versions past the upload TTL become FAILED
@@ -17,20 +21,25 @@ bytes stay recoverable as a noncurrent S3 version for the stage's retention)."""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from maas.backends.aws import AwsBackend
+from maas.backends.aws.clients import make_client
+from maas.backends.aws.health import CloudWatchHealth
 from maas.backends.aws.telemetry import get_logger, get_tracer, metrics
 from maas.domain import ModelVersion
 from maas.ports import NullMetrics
 from maas.services.cleanup import CleanupService
-from maas.services.deploy import DeployWorkflow, StepName
+from maas.services.deploy import TARGET_POLL_SECONDS, DeployWorkflow, StepName
 from maas.services.models import ModelService
 from maas.services.serving import artifact_reader
-from maas.settings import Settings
+from maas.settings import ENV_ENDPOINT, Settings
 
 if TYPE_CHECKING:
-    from maas.inference.engine import InferenceEngine
+    from maas.inference.smoke import SmokeTest
+    from maas.services.optimize import OptimizeService
 
 SERVICE = "maas-deploy"
 logger = get_logger(SERVICE)
@@ -38,22 +47,42 @@ tracer = get_tracer(SERVICE)
 
 settings = Settings.from_env()
 backend = AwsBackend.from_env(settings)
-_engine: InferenceEngine | None = None
+_smoke: SmokeTest | None = None
+_optimize: OptimizeService | None = None
+models = ModelService(backend.registry, backend.artifacts, backend.validator, settings.limits)
+#: Seconds between two polls of an endpoint target's update (``MAAS_TARGET_POLL_S``).
+POLL_SECONDS = int(os.environ.get("MAAS_TARGET_POLL_S") or TARGET_POLL_SECONDS)
 
 
 def load_version(version: ModelVersion) -> None:
-    """Load the version as the inference function will (sha256 re-checked, session built)."""
-    global _engine
-    if _engine is None:
+    """The smoke test: load the version as the inference function will (sha256 re-checked, session
+    built) and run it on inputs made from its signature (NaN/Inf or wrong output shapes: Unhealthy)."""
+    global _smoke
+    if _smoke is None:
         from maas.inference.engine import InferenceEngine
+        from maas.inference.smoke import SmokeTest
 
-        _engine = InferenceEngine(artifact_reader(backend.artifacts), settings.limits, NullMetrics())
-    _engine.warm(version)
+        _smoke = SmokeTest(InferenceEngine(artifact_reader(backend.artifacts), settings.limits, NullMetrics()))
+    _smoke(version)
 
 
-workflow = DeployWorkflow(backend.registry,
-                          ModelService(backend.registry, backend.artifacts, backend.validator, settings.limits),
-                          load_version)
+def optimize_version(version: ModelVersion) -> tuple[ModelVersion, Mapping[str, Any]]:
+    """The optimize step: dynamic int8 quantization, registered as a derived version."""
+    global _optimize
+    if _optimize is None:
+        import functools
+
+        from maas.inference.optimize import quantize
+        from maas.services.optimize import OptimizeService
+
+        _optimize = OptimizeService(models, backend.artifacts, functools.partial(quantize, limits=settings.limits))
+    return _optimize.optimize(version.model, version.version)
+
+
+workflow = DeployWorkflow(backend.registry, models, load_version,
+                          health=CloudWatchHealth(make_client("cloudwatch", endpoint_url=os.environ.get(ENV_ENDPOINT)
+                                                              or None)),
+                          targets=backend.endpoint_targets, optimizer=optimize_version, poll_seconds=POLL_SECONDS)
 
 
 def _step(name: StepName, event: dict[str, Any]) -> dict[str, Any]:
@@ -83,6 +112,27 @@ def validate(event: dict[str, Any], context: Any) -> dict[str, Any]:
 @metrics.log_metrics
 def smoke_test(event: dict[str, Any], context: Any) -> dict[str, Any]:
     return _step(StepName.SMOKE_TEST, event)
+
+
+@logger.inject_lambda_context(clear_state=True)
+@tracer.capture_lambda_handler(capture_response=False)
+@metrics.log_metrics
+def optimize(event: dict[str, Any], context: Any) -> dict[str, Any]:
+    return _step(StepName.OPTIMIZE, event)
+
+
+@logger.inject_lambda_context(clear_state=True)
+@tracer.capture_lambda_handler(capture_response=False)
+@metrics.log_metrics
+def shift_traffic(event: dict[str, Any], context: Any) -> dict[str, Any]:
+    return _step(StepName.SHIFT_TRAFFIC, event)
+
+
+@logger.inject_lambda_context(clear_state=True)
+@tracer.capture_lambda_handler(capture_response=False)
+@metrics.log_metrics
+def check_health(event: dict[str, Any], context: Any) -> dict[str, Any]:
+    return _step(StepName.CHECK_HEALTH, event)
 
 
 @logger.inject_lambda_context(clear_state=True)

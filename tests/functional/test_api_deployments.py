@@ -75,8 +75,13 @@ def test_deploy_errors(client: TestClient) -> None:
     assert_problem(client.post("/models/m/deployments", json={"version": 9}), 404)
     assert_problem(client.post("/models/m/deployments", json={"version": "nope"}), 404)
     assert_problem(client.post("/models/m/deployments", json={"version": 1, "strategy": "yolo"}), 422, "strategy")
-    assert_problem(client.post("/models/m/deployments", json={"version": 1, "strategy": "canary"}), 422,
-                   "strategy")
+    for bad in ({"canary_percent": 0}, {"canary_percent": 101}, {"linear_step_percent": -1}, {"bake_seconds": -1},
+                {"linear_interval_seconds": 86_401}, {"optimize": "maybe"}):
+        field = next(iter(bad))
+        assert_problem(client.post("/models/m/deployments", json={"version": 1, "strategy": "canary", **bad}), 422,
+                       field)
+    # no SageMaker target on this server: refused, naming the field
+    assert_problem(client.post("/models/m/deployments", json={"version": 1, "target": "sagemaker"}), 422, "target")
     assert_problem(client.post("/models/m/deployments", json={"version": 1, "target": "mars"}), 422, "target")
     assert_problem(client.post("/models/m/deployments", json={}), 422, "version")
     assert_problem(client.post("/models/m/rollback"), 409)

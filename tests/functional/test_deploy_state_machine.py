@@ -149,7 +149,8 @@ def test_the_state_machine_deploys_and_rolls_back(aws: Aws, api: TestClient) -> 
     while any(e["status"] == "RUNNING" for e in aws.executions()) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert sorted(e["status"] for e in aws.executions()) == ["FAILED", "SUCCEEDED"]
-    assert aws.invocations == ["validate", "smoke_test", "promote", "validate", "smoke_test", "rollback"]
+    assert aws.invocations == ["validate", "optimize", "smoke_test", "shift_traffic", "check_health", "promote",
+                               "validate", "optimize", "smoke_test", "rollback"]
 
 
 def test_the_sdk_waits_for_a_deployment_the_workflow_runs(aws: Aws, api: TestClient) -> None:
@@ -248,3 +249,60 @@ def test_maas_deploy_follows_a_202_deployment_to_the_end(aws: Aws, api: TestClie
     assert timed_out.exit_code == 1 and "still IN_PROGRESS after 0.3s" in timed_out.stderr
     aws.running.set()
     assert finished(api, api.get("/models/m/deployments").json()["items"][0]["id"])["status"] == "SUCCEEDED"
+
+
+def put_version_metrics(model: str, version: int, *, invocations: int, errors: int, latency_ms: float) -> None:
+    """What the inference function's EMF lines become in CloudWatch (namespace maas, model + version)."""
+    dimensions = [{"Name": "model", "Value": model}, {"Name": "version", "Value": str(version)}]
+    boto3.client("cloudwatch").put_metric_data(Namespace="maas", MetricData=[
+        {"MetricName": "Invocations", "Dimensions": dimensions, "Value": invocations, "Unit": "Count"},
+        {"MetricName": "Errors", "Dimensions": dimensions, "Value": errors, "Unit": "Count"},
+        {"MetricName": "ModelLatency", "Dimensions": dimensions, "Value": latency_ms, "Unit": "Milliseconds"},
+    ])
+
+
+@pytest.mark.parametrize(("strategy", "options", "weights"), [
+    ("canary", {"canary_percent": 25}, [25.0]),
+    ("linear", {"linear_step_percent": 40, "linear_interval_seconds": 0}, [40.0, 80.0]),
+])
+def test_the_state_machine_loops_through_traffic_steps_and_promotes(
+        aws: Aws, api: TestClient, moto_percentiles: None, strategy: str, options: dict[str, Any],
+        weights: list[float]) -> None:
+    push(api, "m", scale_model(1.0))
+    assert finished(api, api.post("/models/m/deployments", json={"version": 1}).json()["id"])["status"] == "SUCCEEDED"
+    push(api, "m", scale_model(2.0), create=False)
+    put_version_metrics("m", 2, invocations=50, errors=0, latency_ms=3.0)  # a healthy canary
+    aws.invocations.clear()
+    started = api.post("/models/m/deployments", json={"version": 2, "strategy": strategy, "bake_seconds": 0,
+                                                      **options})
+    assert started.status_code == 202, started.text
+    done = finished(api, started.json()["id"])
+    assert done["status"] == "SUCCEEDED", done
+    shifted = [e["detail"] for e in done["events"] if e["kind"] == "traffic_shifted"]
+    assert [float(detail.split("%")[0]) for detail in shifted] == weights
+    # the real definition's Wait + Choice loop: one shift and one health check per traffic step, then promote
+    loop = ["shift_traffic", "check_health"] * len(weights)
+    assert aws.invocations == ["validate", "optimize", "smoke_test", *loop, "promote"]
+    assert api.post("/v2/models/m/infer", json=ONES).headers["X-Maas-Model-Version"] == "2"
+
+
+def test_an_unhealthy_bake_is_caught_into_rollback_and_the_stable_version_serves(
+        aws: Aws, api: TestClient, moto_percentiles: None) -> None:
+    push(api, "m", scale_model(1.0))
+    assert finished(api, api.post("/models/m/deployments", json={"version": 1}).json()["id"])["status"] == "SUCCEEDED"
+    push(api, "m", scale_model(2.0), create=False)
+    put_version_metrics("m", 2, invocations=40, errors=10, latency_ms=3.0)  # 25% errors
+    aws.invocations.clear()
+    started = api.post("/models/m/deployments", json={"version": 2, "strategy": "canary", "canary_percent": 10,
+                                                      "bake_seconds": 0, "thresholds": {"max_error_rate": 0.05}})
+    assert started.status_code == 202, started.text
+    done = finished(api, started.json()["id"])
+    assert done["status"] == "ROLLED_BACK", done
+    assert "25.00%" in done["events"][-1]["detail"], done["events"][-1]
+    assert aws.invocations == ["validate", "optimize", "smoke_test", "shift_traffic", "check_health", "rollback"]
+    answer = api.post("/v2/models/m/infer", json=ONES)
+    assert answer.status_code == 200 and answer.headers["X-Maas-Model-Version"] == "1"
+    deadline = time.monotonic() + 10
+    while any(e["status"] == "RUNNING" for e in aws.executions()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sorted(e["status"] for e in aws.executions()) == ["FAILED", "SUCCEEDED"]  # Rollback -> DeployFailed

@@ -36,8 +36,13 @@ from maas.inference.engine import InferenceEngine
 from maas.ports import NullMetrics
 from maas.services.deploy import (
     DONE_EVENTS,
+    DONE_PATH,
+    LOOP_CHOICE_AFTER,
+    LOOP_START,
     ROLLBACK,
     TRANSIENT_ERRORS,
+    WAIT_AFTER,
+    WAIT_SECONDS_PATH,
     WORKFLOW,
     DeployWorkflow,
     InProcessExecutor,
@@ -118,8 +123,9 @@ def world(backend: Any, settings: Settings) -> World:
     return made
 
 
-def payload(deployment: Deployment, failure: dict[str, str] | None = None) -> dict[str, Any]:
-    body: dict[str, Any] = {"model": deployment.model, "deployment_id": deployment.id}
+def payload(deployment: Deployment, failure: dict[str, str] | None = None, *, done: bool = False) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": deployment.model, "deployment_id": deployment.id, "wait_seconds": 0,
+                            "done": done}
     if failure is not None:
         body["failure"] = failure
     return body
@@ -133,7 +139,11 @@ def kinds(deployment: Deployment) -> list[str]:
 
 
 def test_the_step_list_names_real_errors_and_steps() -> None:
-    assert [step.name for step in WORKFLOW] == [StepName.VALIDATE, StepName.SMOKE_TEST, StepName.PROMOTE]
+    assert [step.name for step in WORKFLOW] == [StepName.VALIDATE, StepName.OPTIMIZE, StepName.SMOKE_TEST,
+                                                StepName.SHIFT_TRAFFIC, StepName.CHECK_HEALTH, StepName.PROMOTE]
+    assert (WAIT_AFTER, LOOP_CHOICE_AFTER, LOOP_START) == (StepName.SHIFT_TRAFFIC, StepName.CHECK_HEALTH,
+                                                           StepName.SHIFT_TRAFFIC)
+    assert (WAIT_SECONDS_PATH, DONE_PATH) == ("$.wait_seconds", "$.done")
     assert ROLLBACK.name is StepName.ROLLBACK
     for step in (*WORKFLOW, ROLLBACK):
         assert step.description and "\n" not in step.description
@@ -165,9 +175,11 @@ def test_step_input_round_trips_the_state_json() -> None:
              "ignored": {"extra": True}}
     parsed = StepInput.from_payload(state)
     assert parsed.failure == StepFailure(Error="Unavailable", Cause="{}")
-    assert parsed.dump() == {"model": "m", "deployment_id": "abc123",
+    assert parsed.dump() == {"model": "m", "deployment_id": "abc123", "wait_seconds": 0, "done": False,
                              "failure": {"Error": "Unavailable", "Cause": "{}"}}
-    assert parsed.forward().dump() == {"model": "m", "deployment_id": "abc123"}
+    assert parsed.forward().dump() == {"model": "m", "deployment_id": "abc123", "wait_seconds": 0, "done": False}
+    assert parsed.forward(wait_seconds=5, done=True).dump() == {"model": "m", "deployment_id": "abc123",
+                                                                "wait_seconds": 5, "done": True}
     assert StepInput(model="m", deployment_id="a" * 64).failure is None
 
 
@@ -180,7 +192,7 @@ def test_every_step_is_idempotent(world: World) -> None:
     for step in WORKFLOW:
         first = world.workflow.run_step(step.name, payload(record))
         second = world.workflow.run_step(step.name.value, payload(record))  # a Step Functions retry
-        assert first == second == payload(record)
+        assert first == second == payload(record, done=step.name is StepName.CHECK_HEALTH)
     done = world.get(record)
     assert done.status is DeploymentStatus.SUCCEEDED and done.stable_version == 2
     assert kinds(done) == ["started", "validated", "smoke_test_passed", "promoted"]
@@ -253,7 +265,7 @@ def test_promote_needs_a_passed_smoke_test_and_an_existing_deployment(world: Wor
     assert raised.value.field == "step"
     # a rollback of a deployment that no longer exists has nothing to do
     assert world.workflow.run_step(StepName.ROLLBACK, {"model": "m", "deployment_id": "f" * 32}) == {
-        "model": "m", "deployment_id": "f" * 32}
+        "model": "m", "deployment_id": "f" * 32, "wait_seconds": 0, "done": False}
     assert world.get(record).status is DeploymentStatus.IN_PROGRESS
 
 
@@ -342,7 +354,8 @@ def test_step_functions_executor_starts_one_execution_per_deployment(aws_backend
     assert [e["name"] for e in executions] == [record.id]
     described = client.describe_execution(executionArn=executions[0]["executionArn"])
     assert executions[0]["executionArn"] == executor.execution_arn(record.id)
-    assert json.loads(described["input"]) == {"model": "m", "deployment_id": record.id}
+    assert json.loads(described["input"]) == {"model": "m", "deployment_id": record.id, "wait_seconds": 0,
+                                              "done": False}
     client.stop_execution(executionArn=executor.execution_arn(record.id))
     assert executor.start(record) == record  # finished, same input: still "started", nothing new
     assert len(client.list_executions(stateMachineArn=arn)["executions"]) == 1

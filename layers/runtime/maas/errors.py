@@ -148,3 +148,13 @@ class StorageCorrupted(MaasError):
     status = 500
     title = "Stored artifact is corrupted"
     slug = "storage-corrupted"
+
+
+class Unhealthy(MaasError):
+    """A version being deployed failed a health verdict: its smoke test produced NaN/Inf or outputs of
+    the wrong shape, or during the bake its error rate or p99 latency broke the deployment's
+    thresholds (or its endpoint rolled itself back). The deploy workflow rolls it back."""
+
+    status = 422
+    title = "Unhealthy"
+    slug = "unhealthy"

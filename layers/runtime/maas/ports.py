@@ -3,7 +3,7 @@ backend (S3 + DynamoDB) implement them; services and the API see only these Prot
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime
@@ -193,6 +193,11 @@ class DeployExecutor(Protocol):
 
     def start(self, deployment: Deployment) -> Deployment: ...
 
+    def cancel(self, deployment: Deployment) -> None:
+        """A manual rollback ended the deployment: stop its workflow promptly (wake an in-process
+        wait; stop a Step Functions execution). The steps already leave a cancelled deployment alone."""
+        ...
+
 
 @dataclass(frozen=True)
 class VersionHealth:
@@ -257,3 +262,8 @@ class Backend(Protocol):
 
     @property
     def deploy_executor(self) -> DeployExecutor | None: ...
+
+    @property
+    def endpoint_targets(self) -> Mapping[str, EndpointTarget]:
+        """Deployment targets that shift traffic themselves, by target name (``sagemaker``); may be empty."""
+        ...

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 
 from fastapi import FastAPI, Response
@@ -11,12 +12,16 @@ from maas.api import problems
 from maas.api.deps import Invoker, Services, ServicesDep, TokenCache
 from maas.api.guard import RequestGuard
 from maas.api.metrics import FanOut, PrometheusMetrics
-from maas.api.routes import deployments, inference, models, tokens
+from maas.api.routes import deployments, inference, models, optimize, tokens
 from maas.inference.engine import InferenceEngine
+from maas.inference.optimize import quantize
+from maas.inference.smoke import SmokeTest
 from maas.ports import Backend, Metrics
 from maas.services.aliases import AliasService
 from maas.services.deployments import DeploymentService
+from maas.services.health import HealthRecorder
 from maas.services.models import ModelService
+from maas.services.optimize import OptimizeService
 from maas.services.serving import ServingResolver, artifact_reader
 from maas.services.tokens import TokenService
 from maas.settings import Settings
@@ -36,8 +41,11 @@ def create_app(backend: Backend, settings: Settings | None = None, *,
     settings = settings or getattr(backend, "settings", None) or Settings.from_env()
     metrics = PrometheusMetrics()
 
-    engine = InferenceEngine(artifact_reader(backend.artifacts), settings.limits,
-                             metrics if metrics_sink is None else FanOut(metrics, metrics_sink))
+    # Every inference also feeds the per-version health the deploy workflow judges canaries with
+    # (a backend may bring its own source: CloudWatch on AWS).
+    recorder = HealthRecorder()
+    sinks: tuple[Metrics, ...] = (metrics, recorder) if metrics_sink is None else (metrics, recorder, metrics_sink)
+    engine = InferenceEngine(artifact_reader(backend.artifacts), settings.limits, FanOut(*sinks))
     model_service = ModelService(backend.registry, backend.artifacts, backend.validator, settings.limits)
     token_service = TokenService(backend.registry)
     services = Services(
@@ -45,21 +53,30 @@ def create_app(backend: Backend, settings: Settings | None = None, *,
         settings=settings,
         models=model_service,
         aliases=AliasService(backend.registry),
-        # Deploys run where the backend says (Step Functions on AWS), else here with the engine's warm-up
-        # as the smoke test.
-        deployments=DeploymentService(backend.registry, model_service, smoke_test=engine.warm,
-                                      executor=getattr(backend, "deploy_executor", None)),
+        # Deploys run where the backend says (Step Functions on AWS, whose tasks read CloudWatch), else
+        # here: the smoke test runs the version through this engine, bakes are judged on this process's
+        # traffic, and endpoint targets (``sagemaker``) come from the backend.
+        deployments=DeploymentService(backend.registry, model_service, smoke_test=SmokeTest(engine),
+                                      executor=backend.deploy_executor, health=recorder,
+                                      targets=backend.endpoint_targets),
         tokens=token_service,
         auth=TokenCache(token_service),
         resolver=ServingResolver(backend.registry, model_service),
         engine=engine,
         metrics=metrics,
+        optimize=OptimizeService(model_service, backend.artifacts,
+                                 functools.partial(quantize, limits=settings.limits)),
     )
+    # Traffic shifts made by deploys running in this process reach the route cache at once.
+    services.deployments.workflow.on_route_change = services.resolver.invalidate
+    # Deploys with ``optimize`` quantize through the same service as the optimize route.
+    services.deployments.workflow.optimizer = lambda version: services.optimize.optimize(version.model,
+                                                                                         version.version)
     app = FastAPI(title="maas", version=__version__, description=DESCRIPTION, docs_url="/docs",
                   redoc_url=None, openapi_url="/openapi.json")
     app.state.services = services
     problems.install(app)
-    for module in (models, deployments, tokens, inference):
+    for module in (models, optimize, deployments, tokens, inference):
         app.include_router(module.router)
 
     @app.get("/metrics", tags=["metrics"], response_class=Response,

@@ -42,12 +42,26 @@ class SetAlias(Body):
 
 class StartDeployment(Body):
     version: Annotated[StrictInt | str, Field(description="Version number or alias", examples=[3, "champion"])]
-    strategy: str = Field(default="all_at_once", description="all_at_once (canary and linear: soon)")
-    target: str = Field(default="lambda")
-    canary_percent: float | None = Field(default=None, gt=0, le=100)
-    linear_step_percent: float | None = Field(default=None, gt=0, le=100)
-    bake_seconds: int | None = Field(default=None, ge=0, le=86_400)
-    thresholds: HealthThresholds | None = None
+    strategy: str = Field(default="all_at_once", examples=["canary"], description=(
+        "all_at_once: all traffic at once (after an optional bake at 100%); canary: `canary_percent` of "
+        "traffic for `bake_seconds`, then all; linear: `linear_step_percent` more every "
+        "`linear_interval_seconds`, health checked after each step"))
+    target: str = Field(default="lambda", description="lambda (the inference functions / this server) or "
+                                                      "sagemaker where the server has that target")
+    canary_percent: float | None = Field(default=None, gt=0, le=100,
+                                         description="canary: share of traffic the new version gets (default 10)")
+    linear_step_percent: float | None = Field(default=None, gt=0, le=100,
+                                              description="linear: traffic added per step (default 10)")
+    bake_seconds: int | None = Field(default=None, ge=0, le=86_400,
+                                     description="Seconds the new version's health is watched before "
+                                                 "promoting (default 0)")
+    linear_interval_seconds: int | None = Field(default=None, ge=0, le=86_400,
+                                                description="linear: seconds between steps (default: bake_seconds)")
+    optimize: bool = Field(default=False, description="Quantize the version (int8, checked against its "
+                                                      "outputs) and deploy the derived version")
+    thresholds: HealthThresholds | None = Field(default=None, description=(
+        "Health limits during the bake: max_error_rate (default 0.01), max_p99_latency_ms, "
+        "max_p99_latency_ratio to the stable version (default 2)"))
 
 
 class Rollback(Body):

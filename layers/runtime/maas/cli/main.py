@@ -385,12 +385,21 @@ def models_push(
     name: Annotated[str, typer.Argument(help="Model name (created if missing).")],
     file: Annotated[Path, typer.Argument(help="The .onnx file.", exists=True, dir_okay=False, readable=True)],
     description: Annotated[str, typer.Option("--description", "-d", help="Notes for this version.")] = "",
+    optimize: Annotated[
+        bool, typer.Option("--optimize", help="Then quantize it to int8 as a further version (maas models optimize).")
+    ] = False,
+    tolerance: Annotated[
+        float | None,
+        typer.Option("--tolerance", min=0.0, max=1.0, help="With --optimize: accepted output difference (0.05)."),
+    ] = None,
 ) -> None:
     """Upload an ONNX file as the model's next version, then verify and validate it.
 
     Streams the file straight to storage with a progress bar, computing its sha256 on the way.
 
     The server then checks the checksum, validates the graph and extracts its signature.
+
+    With --optimize, the new version is then quantized to int8 and registered as one more version.
 
     Example: maas models push fraud ./model.onnx --description "retrained on May data"
     """
@@ -412,8 +421,19 @@ def models_push(
             progress.update(task, completed=sent, total=total)
 
         version = client.push(name, file, description=description, progress=on_progress)
+        optimized: dict[str, Any] | None = None
+        optimize_error: str | None = None
+        if optimize:
+            try:
+                optimized = client.optimize(name, version["version"], tolerance=tolerance)
+            except MaasClientError as exc:
+                optimize_error = str(exc)
+    if optimize_error is not None:
+        if not state.json:
+            stdout_console().print(f"{name} version {version.get('version')}: {version.get('status')}", markup=False)
+        raise CliError(f"version {version.get('version')} was pushed, but optimizing it failed: {optimize_error}")
     if state.json:
-        _print_json(version)
+        _print_json(version if optimized is None else {"pushed": version, "optimized": optimized})
         return
     out = stdout_console()
     out.print(
@@ -422,7 +442,73 @@ def models_push(
         markup=False,
     )
     out.print(_signature_table(version.get("signature")))
+    if optimized is not None:
+        _print_optimized(name, optimized)
+        version = optimized["version"]
     out.print(f"deploy it with: maas deploy {name} {version.get('version')}", markup=False, soft_wrap=True)
+
+
+def _ms(value: Any) -> str:
+    return f"{value:.3g} ms" if isinstance(value, int | float) else "n/a"
+
+
+def _print_optimized(name: str, result: dict[str, Any]) -> None:
+    """Sizes, p50 latencies and differences of an int8 derivative against its parent."""
+    version, report = result.get("version") or {}, result.get("report") or {}
+    out = stdout_console()
+    how = "already optimized as" if report.get("reused") else "optimized into"
+    out.print(f"{name} version {report.get('parent_version', version.get('parent_version'))} {how} version "
+              f"{version.get('version')} (int8 dynamic quantization): {version.get('status')}", markup=False)
+    table = Table("", "parent", "int8", "change", box=None, pad_edge=False)
+    parent_bytes, derived_bytes = report.get("parent_bytes"), report.get("derived_bytes")
+    ratio = (f"{derived_bytes / parent_bytes:.2f}x" if isinstance(parent_bytes, int) and parent_bytes
+             and isinstance(derived_bytes, int) else "")
+    table.add_row("size", _size(parent_bytes), _size(derived_bytes), ratio)
+    parent_ms, derived_ms = report.get("parent_p50_ms"), report.get("derived_p50_ms")
+    speedup = report.get("speedup")
+    table.add_row("p50 latency", _ms(parent_ms), _ms(derived_ms),
+                  f"{speedup:.2f}x faster" if isinstance(speedup, int | float) else "")
+    out.print(table)
+    diff, rel = report.get("max_abs_diff"), report.get("max_rel_diff")
+    parts = []
+    if isinstance(diff, int | float):
+        parts.append(f"max abs diff {diff:.4g}")
+    if isinstance(rel, int | float):
+        parts.append(f"{rel:.4g} relative to the output's scale")
+    agreement = report.get("min_agreement_seen")
+    if isinstance(agreement, int | float) and any(o.get("kind") == "exact" for o in report.get("outputs") or []):
+        parts.append(f"labels agree {agreement:.1%}")
+    out.print(f"difference: {', '.join(parts) or 'n/a'} (tolerance {report.get('tolerance')})", markup=False)
+
+
+@models_app.command("optimize")
+def models_optimize(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="Model name.")],
+    version: Annotated[str, typer.Argument(help="Version number or alias to quantize.")],
+    tolerance: Annotated[
+        float | None,
+        typer.Option("--tolerance", min=0.0, max=1.0,
+                     help="Accepted difference of each output from the parent's (default 0.05)."),
+    ] = None,
+) -> None:
+    """Quantize a version to int8 and register the result as a new version with the parent as lineage.
+
+    The derived version is accepted only if its outputs stay within the tolerance of the parent's on
+    sample inputs (float outputs: max difference relative to max(1, the output's peak); labels: 90%
+    equal). Size and p50 latency before/after and the difference are printed.
+
+    Example: maas models optimize fraud 3 --tolerance 0.02
+    """
+    state = _state(ctx)
+    with state.client() as client:
+        result = client.optimize(name, _version_arg(version), tolerance=tolerance)
+    if state.json:
+        _print_json(result)
+        return
+    _print_optimized(name, result)
+    number = (result.get("version") or {}).get("version")
+    stdout_console().print(f"deploy it with: maas deploy {name} {number}", markup=False, soft_wrap=True)
 
 
 # -- versions / aliases ---------------------------------------------------------------------------
@@ -530,18 +616,46 @@ def deploy(
     name: Annotated[str, typer.Argument(help="Model name.")],
     version: Annotated[str, typer.Argument(help="Version number or alias (e.g. 3 or champion).")],
     strategy: Annotated[
-        Strategy, typer.Option(help="all_at_once switches at once; canary/linear shift traffic gradually.")
+        Strategy, typer.Option(help="all_at_once: all traffic at once (after --bake at 100% if given); "
+                                    "canary: --canary-percent of traffic for --bake seconds, then all; "
+                                    "linear: --step-percent more every --interval seconds.")
     ] = Strategy.ALL_AT_ONCE,
-    target: Annotated[str | None, typer.Option(help="Where it runs (a lambda pool or sagemaker).")] = None,
+    target: Annotated[
+        str | None, typer.Option(help="lambda (default: the inference functions, or this server) or sagemaker "
+                                      "(an endpoint that shifts traffic itself, where the server has one).")
+    ] = None,
     canary_percent: Annotated[
-        float | None, typer.Option("--canary-percent", help="canary: share of traffic during the bake.")
+        float | None, typer.Option("--canary-percent", help="canary: % of traffic the new version gets while "
+                                                            "it bakes (default 10).", min=0, max=100)
     ] = None,
     linear_step_percent: Annotated[
-        float | None, typer.Option("--linear-step-percent", help="linear: traffic added per step.")
+        float | None, typer.Option("--step-percent", "--linear-step-percent",
+                                   help="linear: % of traffic added per step (default 10).", min=0, max=100)
     ] = None,
     bake: Annotated[
-        int | None, typer.Option("--bake", help="Seconds to watch health before promoting.", min=0)
+        int | None, typer.Option("--bake", help="Seconds the new version's health is watched before it takes "
+                                                "all traffic (default 0).", min=0)
     ] = None,
+    interval: Annotated[
+        int | None, typer.Option("--interval", help="linear: seconds between steps, health checked after "
+                                                    "each (default: --bake).", min=0)
+    ] = None,
+    max_error_rate: Annotated[
+        float | None, typer.Option("--max-error-rate", help="Roll back if the new version's error rate goes "
+                                                            "over this fraction (default 0.01).", min=0, max=1)
+    ] = None,
+    max_p99_ms: Annotated[
+        float | None, typer.Option("--max-p99-ms", help="Roll back if its p99 latency goes over this many "
+                                                        "milliseconds (default: no limit).", min=0)
+    ] = None,
+    max_p99_ratio: Annotated[
+        float | None, typer.Option("--max-p99-ratio", help="Roll back if its p99 latency goes over this many "
+                                                           "times the stable version's (default 2).", min=0)
+    ] = None,
+    optimize: Annotated[
+        bool, typer.Option("--optimize", help="Quantize the version (int8, checked against its outputs) and "
+                                              "deploy the derived version.")
+    ] = False,
     wait: Annotated[
         bool,
         typer.Option("--wait/--no-wait", help="Wait for a deployment the server runs in the background."),
@@ -550,17 +664,25 @@ def deploy(
         float, typer.Option("--timeout", help="Seconds to wait for it (with --wait).", min=0)
     ] = DEPLOY_WAIT_S,
 ) -> None:
-    """Deploy a version (number or alias): load and verify it, then send all traffic to it.
+    """Deploy a version (number or alias): validate it, smoke-test it on inputs made from its
+    signature, shift traffic to it with the strategy, watch its health, then promote it, or roll back
+    on its own if a step fails or its error rate or latency break the limits.
 
-    The previous stable version stays one `maas rollback` away. Canary and linear strategies are
-    accepted by the CLI but refused by servers that do not offer them yet.
+    The previous stable version keeps serving throughout, and stays one `maas rollback` away (which
+    also cancels a deploy in flight).
 
-    On AWS the deploy runs as a workflow: the command follows it until it finishes (at most --timeout
-    seconds) and exits 1 if it FAILED or was ROLLED_BACK.
+    Canary, linear and baked deploys run in the background: the command follows them until they
+    finish (at most --timeout seconds, progress on stderr) and exits 1 if they FAILED or were
+    ROLLED_BACK. --no-wait returns at once; watch with `maas status NAME`.
 
-    Example: maas deploy fraud 3    or    maas deploy fraud champion --timeout 300
+    Examples: maas deploy fraud 3
+              maas deploy fraud 3 --strategy canary --canary-percent 10 --bake 300
+              maas deploy fraud 3 --strategy linear --step-percent 20 --interval 60 --max-p99-ms 250
     """
     state = _state(ctx)
+    given = {"max_error_rate": max_error_rate, "max_p99_latency_ms": max_p99_ms,
+             "max_p99_latency_ratio": max_p99_ratio}
+    thresholds = {key: value for key, value in given.items() if value is not None} or None
     with state.client() as client:
         deployment = client.deploy(
             name,
@@ -571,6 +693,9 @@ def deploy(
             canary_percent=canary_percent,
             linear_step_percent=linear_step_percent,
             bake_seconds=bake,
+            linear_interval_seconds=interval,
+            thresholds=thresholds,
+            optimize=optimize or None,
         )
         if wait and deployment.get("status") == "IN_PROGRESS" and deployment.get("id"):
             deployment = _follow_deployment(client, deployment, timeout, quiet=state.json)
@@ -639,7 +764,9 @@ def rollback(
 
 @app.command()
 def status(ctx: typer.Context, name: Annotated[str, typer.Argument(help="Model name.")]) -> None:
-    """Show where a model's traffic goes (stable, canary and weight) and its current deployment.
+    """Show where a model's traffic goes (stable, canary and weight), every transition of its newest
+    deployment (traffic shifts, health checks, promotion or the reason for a rollback) and its
+    recent deployments.
 
     Example: maas status fraud
     """
@@ -669,11 +796,19 @@ def status(ctx: typer.Context, name: Annotated[str, typer.Argument(help="Model n
             f"{name} is not deployed (latest version: {latest if latest is not None else 'none'})",
             markup=False,
         )
-    deployment = info.get("deployment")
+    live = info.get("deployment")
+    # Every transition of the newest deployment (in flight, or just promoted / rolled back: the why).
+    deployment = recent[0] if recent else live
     if not deployment:
         return
+    if live and live.get("id") != deployment.get("id"):
+        out.print(f"live: {_deployment_summary(live)}", markup=False, soft_wrap=True)
     out.print(_deployment_summary(deployment), markup=False, soft_wrap=True)
-    events = Table(title="history")
+    if deployment.get("status") == "IN_PROGRESS" and deployment.get("canary_version") is not None:
+        out.print(f"traffic now: {float(deployment.get('canary_weight') or 0):g}% to version "
+                  f"{deployment['canary_version']}, the rest to version {deployment.get('stable_version')}",
+                  markup=False, soft_wrap=True)
+    events = Table(title=f"history of deployment {str(deployment.get('id', ''))[:8]}")
     for column in ("at", "event", "detail"):
         events.add_column(column)
     for event in deployment.get("events") or []:

@@ -545,6 +545,18 @@ class Client:
     def delete_alias(self, name: str, alias: str) -> None:
         self._request("DELETE", f"{self._model_path(name)}/aliases/{_segment(alias)}")
 
+    def optimize(self, name: str, version: int | str, *, tolerance: float | None = None) -> dict[str, Any]:
+        """Quantize a READY version to int8 and register it as a new version (parent lineage), if its
+        outputs stay within ``tolerance`` (server default 0.05) of the parent's on sample inputs.
+
+        Returns ``{"version": <derived version>, "report": {...}}``: sizes, p50 latencies and diffs
+        before/after; ``report["reused"]`` is true when the version had been optimized before."""
+        body: dict[str, Any] = {} if tolerance is None else {"tolerance": float(tolerance)}
+        result: dict[str, Any] = self._request(
+            "POST", f"{self._model_path(name)}/versions/{_segment(version)}/optimize", json=body
+        )
+        return result
+
     # -- deployments ------------------------------------------------------------------------------
 
     def deploy(
@@ -559,11 +571,14 @@ class Client:
         on_update: Callable[[dict[str, Any]], None] | None = None,
         **options: Any,
     ) -> dict[str, Any]:
-        """Deploy ``version`` (a number or an alias). ``options`` go into the request body (e.g.
-        ``target``, ``canary_percent``, ``bake_seconds``); ``None`` values are left out.
+        """Deploy ``version`` (a number or an alias). ``options`` go into the request body; ``None``
+        values are left out: ``target`` (``lambda`` | ``sagemaker``), ``canary_percent``,
+        ``linear_step_percent``, ``bake_seconds``, ``linear_interval_seconds``, ``optimize`` (bool),
+        ``thresholds`` (``{"max_error_rate": 0.01, "max_p99_latency_ms": 250, "max_p99_latency_ratio":
+        2}``). Example: ``client.deploy("fraud", 3, "canary", canary_percent=10, bake_seconds=300)``.
 
-        A server that runs the deploy workflow elsewhere (Step Functions) answers 202 with the
-        deployment IN_PROGRESS: with ``wait`` (the default) this polls it (see
+        A deploy that bakes (canary, linear, a bake) or runs elsewhere (Step Functions) is answered
+        202 with the deployment IN_PROGRESS: with ``wait`` (the default) this polls it (see
         :meth:`wait_for_deployment`) and raises :class:`DeploymentFailed` if it ends FAILED or
         ROLLED_BACK, as a server that deploys synchronously answers the failure as an error. Without
         ``wait`` it returns the deployment as the server answered it."""

@@ -1,10 +1,24 @@
 """The deploy workflow: one list of steps, two executors (DESIGN.md section 7).
 
-``WORKFLOW`` is the forward path and ``ROLLBACK`` where any failure of it leads. The CDK state machine
-in ``infra/`` is built from these specs (one Lambda task per step in ``functions/deploy``, Retry on
-``retry_on``, Catch ``States.ALL`` -> ``ROLLBACK`` with the error at ``$.failure``), and
-:class:`InProcessExecutor` runs the same :class:`DeployWorkflow` methods in-process (``maas serve``,
-and AWS without a state machine).
+``WORKFLOW`` is the forward path, in execution order, and ``ROLLBACK`` where any failure of it leads:
+
+    validate -> optimize -> smoke_test -> shift_traffic -> [Wait $.wait_seconds] -> check_health
+        -> [Choice $.done: true -> promote, false -> back to shift_traffic]
+
+The CDK state machine in ``infra/`` is built from these specs (one Lambda task per step in
+``functions/deploy``, Retry on ``retry_on``, Catch ``States.ALL`` -> ``ROLLBACK`` with the error at
+``$.failure``, a Wait of ``WAIT_SECONDS_PATH`` after ``WAIT_AFTER`` and a Choice on ``DONE_PATH`` after
+``LOOP_CHOICE_AFTER`` that loops back to ``LOOP_START``), and :class:`InProcessExecutor` runs the same
+:class:`DeployWorkflow` methods in-process (``maas serve``, and AWS without a state machine).
+
+Strategies live in the steps, so both executors behave alike: ``all_at_once`` promotes directly (with
+a bake, it first sends 100% to the new version with the stable one still recorded, so an unhealthy
+bake rolls back); ``canary`` sends ``canary_percent`` to the new version, bakes ``bake_seconds``,
+checks health, promotes; ``linear`` adds ``linear_step_percent`` every interval, checking health after
+each wait, and promotes when the next step would reach 100%. A first deploy (no stable version) runs
+as ``all_at_once``: there is nothing else to send traffic to. A target that shifts traffic itself
+(``sagemaker``, a ``maas.ports.EndpointTarget``) is started by ``shift_traffic`` and polled by
+``check_health``.
 
 Every step takes and returns a :class:`StepInput` (the state's JSON) and is idempotent: Step Functions
 retries a step and may run it twice, so a step re-reads the deployment, records its event once, and
@@ -15,28 +29,38 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from maas import errors
-from maas.domain import Deployment, DeploymentStatus, ModelVersion, check_model_name
-from maas.errors import Conflict, InferenceFailed, InvalidInput, MaasError, NotFound
-from maas.ports import Registry
+from maas.domain import Deployment, DeploymentStatus, ModelVersion, Strategy, check_model_name
+from maas.domain.models import utcnow
+from maas.errors import Conflict, InferenceFailed, InvalidInput, MaasError, NotFound, Unhealthy
+from maas.ports import EndpointTarget, HealthSource, Registry, TargetState
+from maas.services.health import assess
 from maas.services.models import ModelService
 
 log = logging.getLogger("maas.deploy")
 
 SmokeTest = Callable[[ModelVersion], None]
+#: Quantizes a READY version into a derived READY version, optionally with a report (sizes, latencies,
+#: output differences: ``OptimizeService.optimize``).
+Optimizer = Callable[[ModelVersion], "ModelVersion | tuple[ModelVersion, Mapping[str, Any]]"]
 
 
 class StepName(StrEnum):
     VALIDATE = "validate"
+    OPTIMIZE = "optimize"
     SMOKE_TEST = "smoke_test"
+    SHIFT_TRAFFIC = "shift_traffic"
+    CHECK_HEALTH = "check_health"
     PROMOTE = "promote"
     ROLLBACK = "rollback"
 
@@ -58,21 +82,42 @@ TRANSIENT_ERRORS: tuple[str, ...] = ("Throttled", "Unavailable")
 WORKFLOW: tuple[StepSpec, ...] = (
     StepSpec(StepName.VALIDATE, "Check the deployment is still in progress and its version is READY",
              TRANSIENT_ERRORS),
-    StepSpec(StepName.SMOKE_TEST, "Load the version (sha256 verified) before it takes any traffic",
+    StepSpec(StepName.OPTIMIZE, "Optionally quantize the version (int8) and deploy the derived version",
+             TRANSIENT_ERRORS),
+    StepSpec(StepName.SMOKE_TEST, "Run the version on inputs made from its signature before it takes traffic",
+             TRANSIENT_ERRORS),
+    StepSpec(StepName.SHIFT_TRAFFIC, "Send the strategy's next share of traffic to the version",
+             TRANSIENT_ERRORS),
+    StepSpec(StepName.CHECK_HEALTH, "Judge the version's error rate and p99 latency since the last shift",
              TRANSIENT_ERRORS),
     StepSpec(StepName.PROMOTE, "Send all traffic to the version: the deployment SUCCEEDED",
              TRANSIENT_ERRORS),
 )
-ROLLBACK = StepSpec(StepName.ROLLBACK, "Mark the deployment FAILED; the previous stable version keeps serving",
-                    TRANSIENT_ERRORS)
+ROLLBACK = StepSpec(StepName.ROLLBACK, "Mark the deployment FAILED (ROLLED_BACK when judged unhealthy); "
+                    "the previous stable version serves", TRANSIENT_ERRORS)
 
-#: The event each forward step records (once) when it completes.
+#: A Wait state of ``WAIT_SECONDS_PATH`` seconds follows this step (the bake, or a poll interval).
+WAIT_AFTER = StepName.SHIFT_TRAFFIC
+#: A Choice follows this step: ``DONE_PATH`` true -> the next step (promote), false -> ``LOOP_START``.
+LOOP_CHOICE_AFTER = StepName.CHECK_HEALTH
+LOOP_START = StepName.SHIFT_TRAFFIC
+WAIT_SECONDS_PATH = "$.wait_seconds"
+DONE_PATH = "$.done"
+
+#: The event each forward step records (once per round) when it completes something.
 DONE_EVENTS: dict[StepName, str] = {
     StepName.VALIDATE: "validated",
+    StepName.OPTIMIZE: "optimized",
     StepName.SMOKE_TEST: "smoke_test_passed",
+    StepName.SHIFT_TRAFFIC: "traffic_shifted",
+    StepName.CHECK_HEALTH: "health_checked",
     StepName.PROMOTE: "promoted",
 }
 START_FAILED_EVENT = "start_failed"
+#: Poll interval of an endpoint target's update (seconds between two ``check_health`` runs).
+TARGET_POLL_SECONDS = 30
+#: Failures that judge the version rather than the workflow: the deployment ends ROLLED_BACK.
+VERDICT_ERRORS = ("Unhealthy",)
 MAX_DETAIL_CHARS = 500
 MAX_DEPLOYMENT_ID_CHARS = 64
 
@@ -122,6 +167,10 @@ class StepInput(BaseModel):
     model: str
     deployment_id: str
     failure: StepFailure | None = None
+    #: shift_traffic's output: seconds the Wait state after it lasts (the bake, a poll interval)
+    wait_seconds: int = Field(default=0, ge=0, le=86_400)
+    #: check_health's output: true -> promote, false -> shift traffic again
+    done: bool = False
 
     @field_validator("model")
     @classmethod
@@ -146,24 +195,45 @@ class StepInput(BaseModel):
             where = ".".join(str(part) for part in first["loc"]) or "input"
             raise InvalidInput(f"{where}: {first['msg']}", field=where) from None
 
-    def forward(self) -> StepInput:
-        """This input for the next state: the same shape, without a failure."""
-        return self if self.failure is None else self.model_copy(update={"failure": None})
+    def forward(self, *, wait_seconds: int = 0, done: bool = False) -> StepInput:
+        """This input for the next state: the same identity, without a failure, with the outputs."""
+        return StepInput(model=self.model, deployment_id=self.deployment_id, wait_seconds=wait_seconds,
+                         done=done)
 
     def dump(self) -> dict[str, Any]:
+        """The state's JSON. ``wait_seconds`` and ``done`` are always there: the Wait state's
+        ``SecondsPath`` and the Choice's ``BooleanEquals`` fail on a missing path."""
         return self.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
 class DeployWorkflow:
-    """The deploy steps, each ``(StepInput) -> StepInput`` and idempotent."""
+    """The deploy steps, each ``(StepInput) -> StepInput`` and idempotent.
 
-    def __init__(self, registry: Registry, models: ModelService, smoke_test: SmokeTest):
+    ``health`` judges a canary (None: no metrics here, bakes are not judged and the event says so);
+    ``targets`` are the endpoint targets by name (``sagemaker``) whose traffic the target shifts
+    itself; ``optimizer`` makes the derived (quantized) version of a deployment asked to optimize;
+    ``poll_seconds`` is the wait between two polls of an endpoint target's update."""
+
+    def __init__(self, registry: Registry, models: ModelService, smoke_test: SmokeTest, *,
+                 health: HealthSource | None = None, targets: Mapping[str, EndpointTarget] | None = None,
+                 optimizer: Optimizer | None = None, poll_seconds: int = TARGET_POLL_SECONDS,
+                 clock: Callable[[], datetime] = utcnow):
         self._registry = registry
         self._models = models
         self._smoke_test = smoke_test
+        self.health = health
+        self.targets: dict[str, EndpointTarget] = dict(targets or {})
+        self.optimizer = optimizer
+        self._poll_seconds = max(int(poll_seconds), 0)
+        self._clock = clock
+        #: Told the model's name after each write that moves its traffic (the API's route cache).
+        self.on_route_change: Callable[[str], None] | None = None
         self._steps: dict[StepName, Callable[[StepInput], StepInput]] = {
             StepName.VALIDATE: self.validate,
+            StepName.OPTIMIZE: self.optimize,
             StepName.SMOKE_TEST: self.smoke_test,
+            StepName.SHIFT_TRAFFIC: self.shift_traffic,
+            StepName.CHECK_HEALTH: self.check_health,
             StepName.PROMOTE: self.promote,
             StepName.ROLLBACK: self.rollback,
         }
@@ -178,8 +248,30 @@ class DeployWorkflow:
                           f"version {version.version} is READY (sha256 {str(version.sha256)[:12]})")
         return step.forward()
 
+    def optimize(self, step: StepInput) -> StepInput:
+        """With ``optimize``: quantize the version and deploy the derived one from here on (the
+        deployment's ``version`` changes; the event carries the optimizer's report). Else nothing."""
+        deployment = self._in_progress(step, StepName.OPTIMIZE)
+        if not deployment.optimize or _has_event(deployment, DONE_EVENTS[StepName.OPTIMIZE]):
+            return step.forward()
+        if self.optimizer is None:
+            raise InvalidInput("this server cannot optimize models; deploy without optimize", field="optimize")
+        parent = self._models.ready_version(deployment.model, deployment.version)
+        made = self.optimizer(parent)
+        derived, facts = made if isinstance(made, tuple) else (made, {})
+        report = _report(facts) or derived.description
+        report = f": {report}" if report else ""
+        optimized = deployment.with_event(
+            DONE_EVENTS[StepName.OPTIMIZE],
+            f"version {derived.version} derived from version {parent.version}{report}"[:MAX_DETAIL_CHARS],
+            version=derived.version,
+        )
+        self._registry.update_deployment(optimized, DeploymentStatus.IN_PROGRESS)
+        return step.forward()
+
     def smoke_test(self, step: StepInput) -> StepInput:
-        """Run the smoke test (load the version, re-hashing its bytes) before any traffic reaches it."""
+        """Run the smoke test (load the version, re-hashing its bytes, and run it on inputs made from
+        its signature) before any traffic reaches it."""
         deployment = self._in_progress(step, StepName.SMOKE_TEST)
         version = self._models.ready_version(deployment.model, deployment.version)
         try:
@@ -195,6 +287,57 @@ class DeployWorkflow:
                           f"version {version.version} loaded and passed its checks")
         return step.forward()
 
+    def shift_traffic(self, step: StepInput) -> StepInput:
+        """Send the strategy's next share of traffic to the version (``traffic_shifted``: "10% to
+        version 2"), or start an endpoint target's update; ``wait_seconds``: how long to bake."""
+        deployment = self._in_progress(step, StepName.SHIFT_TRAFFIC)
+        kind = DONE_EVENTS[StepName.SHIFT_TRAFFIC]
+        target = self.targets.get(deployment.target)
+        if target is not None:
+            version = self._models.ready_version(deployment.model, deployment.version)
+            target.shift(deployment, version)  # idempotent: a poll round re-asserts the same update
+            self._record_once(deployment, kind, f"{deployment.target} endpoint update to version "
+                              f"{version.version} started ({deployment.strategy.value})")
+            return step.forward(wait_seconds=self._poll_seconds)
+        if not _shifts_traffic(deployment):
+            return step.forward()  # all_at_once without a bake: promote sends all traffic at once
+        if _awaiting_check(deployment):
+            # A retry of a shift whose write landed: the same wait, no second step.
+            return step.forward(wait_seconds=_wait_seconds(deployment))
+        weight, why = _next_weight(deployment)
+        shifted = deployment.with_event(kind, f"{weight:g}% to version {deployment.version}{why}",
+                                        canary_version=deployment.version, canary_weight=weight)
+        self._registry.update_deployment(shifted, DeploymentStatus.IN_PROGRESS)
+        self._route_changed(deployment.model)
+        return step.forward(wait_seconds=_wait_seconds(shifted))
+
+    def check_health(self, step: StepInput) -> StepInput:
+        """Judge the version since the last shift against the thresholds (``Unhealthy`` -> rollback);
+        ``done``: promote next (else shift again). For an endpoint target: its update's state."""
+        deployment = self._in_progress(step, StepName.CHECK_HEALTH)
+        kind = DONE_EVENTS[StepName.CHECK_HEALTH]
+        target = self.targets.get(deployment.target)
+        if target is not None:
+            status = target.status(deployment)
+            if status.state is TargetState.UPDATING:
+                return step.forward()
+            if status.state is not TargetState.IN_SERVICE:
+                raise Unhealthy(f"the {deployment.target} endpoint update {status.state.value.replace('_', ' ')}: "
+                                f"{status.reason or 'no reason given'}"[:MAX_DETAIL_CHARS])
+            self._record_once(deployment, kind, f"the {deployment.target} endpoint serves version "
+                              f"{deployment.version} with all its traffic")
+            return step.forward(done=True)
+        if not _shifts_traffic(deployment):
+            return step.forward(done=True)
+        if not _awaiting_check(deployment):
+            return step.forward(done=_finished(deployment))  # a retry of a check that landed
+        since = _last_event(deployment, DONE_EVENTS[StepName.SHIFT_TRAFFIC])
+        assert since is not None  # _awaiting_check: a shift happened
+        detail = self._judge(deployment, since, self._clock())
+        self._registry.update_deployment(deployment.with_event(kind, detail[:MAX_DETAIL_CHARS]),
+                                         DeploymentStatus.IN_PROGRESS)
+        return step.forward(done=_finished(deployment))
+
     def promote(self, step: StepInput) -> StepInput:
         """IN_PROGRESS -> SUCCEEDED with the version as the stable one (quietly done if it already is)."""
         deployment = self._deployment(step)
@@ -205,7 +348,8 @@ class DeployWorkflow:
             raise Conflict(f"deployment {deployment.id} has not passed its smoke test; it cannot be promoted")
         promoted = deployment.with_event(
             DONE_EVENTS[StepName.PROMOTE], f"version {deployment.version} serves 100% of traffic",
-            status=DeploymentStatus.SUCCEEDED, stable_version=deployment.version,
+            status=DeploymentStatus.SUCCEEDED, stable_version=deployment.version, canary_version=None,
+            canary_weight=0.0,
         )
         try:
             self._registry.update_deployment(promoted, DeploymentStatus.IN_PROGRESS)
@@ -213,21 +357,29 @@ class DeployWorkflow:
             # A retry of a promote whose write landed (its answer lost): done, not a conflict.
             if self._deployment(step).status is not DeploymentStatus.SUCCEEDED:
                 raise
+        self._route_changed(deployment.model)
         return step.forward()
 
     def rollback(self, step: StepInput) -> StepInput:
-        """Mark a deployment still IN_PROGRESS as FAILED, with an event naming the step that failed
-        (``<step>_failed``) and why. The live route then falls back to the previous SUCCEEDED
-        deployment: the stable version keeps serving. A finished (or deleted) deployment is left as is."""
+        """End a deployment still IN_PROGRESS: ROLLED_BACK when the version was judged unhealthy
+        (``Unhealthy``), FAILED otherwise, with an event naming the step that failed
+        (``<step>_failed``) and why, and no traffic left on the version (an endpoint target is told to
+        roll back). The live route then falls back to the previous SUCCEEDED deployment: the stable
+        version keeps serving. A finished (or deleted) deployment is left as is."""
         try:
             deployment = self._deployment(step)
         except NotFound:
             return step.forward()
         if deployment.status.terminal:
             return step.forward()
+        target = self.targets.get(deployment.target)
+        if target is not None:
+            target.rollback(deployment)
         failed_step = _failed_step(deployment)
         detail = step.failure.describe() if step.failure is not None else "the deploy workflow stopped"
-        self._finish_failed(step, deployment, f"{failed_step.value}_failed", detail)
+        verdict = step.failure is not None and step.failure.error in VERDICT_ERRORS
+        self._finish_failed(step, deployment, f"{failed_step.value}_failed", detail,
+                            DeploymentStatus.ROLLED_BACK if verdict else DeploymentStatus.FAILED)
         return step.forward()
 
     # -- dispatch
@@ -248,6 +400,11 @@ class DeployWorkflow:
     def deployment(self, deployment_id: str) -> Deployment:
         return self._registry.get_deployment(deployment_id)
 
+    def waits(self, deployment: Deployment) -> bool:
+        """Whether the workflow of this deployment waits (bakes, polls a target): an in-process
+        executor then runs it in the background."""
+        return deployment.target in self.targets or _shifts_traffic(deployment)
+
     def abandon(self, deployment: Deployment, error: BaseException) -> None:
         """Best effort, after an executor failed to run the workflow (e.g. Step Functions refused to
         start it): a deployment left IN_PROGRESS becomes FAILED so it does not block the model."""
@@ -258,11 +415,27 @@ class DeployWorkflow:
                 return
             steps_ran = any(_has_event(current, kind) for kind in DONE_EVENTS.values())
             kind = f"{_failed_step(current).value}_failed" if steps_ran else START_FAILED_EVENT
-            self._finish_failed(step, current, kind, StepFailure.of(error).describe())
+            self._finish_failed(step, current, kind, StepFailure.of(error).describe(), DeploymentStatus.FAILED)
         except Exception:
             log.exception("could not mark deployment %s FAILED; a restart or rollback will", deployment.id)
 
     # -- helpers
+
+    def _judge(self, deployment: Deployment, since: datetime, until: datetime) -> str:
+        """The health check's event detail, or ``Unhealthy`` with the numbers."""
+        if self.health is None:
+            return f"no metrics source on this server: version {deployment.version} was not judged"
+        canary = self.health.health(deployment.model, deployment.version, since, until)
+        stable_number = deployment.stable_version
+        stable = None
+        if (stable_number is not None and stable_number != deployment.version and canary.requests
+                and deployment.thresholds.max_p99_latency_ratio is not None):
+            stable = self.health.health(deployment.model, stable_number, since, until)
+        verdict = assess(deployment.version, canary, deployment.thresholds, stable, stable_number)
+        window = f" over {max((until - since).total_seconds(), 0.0):.0f}s at {deployment.canary_weight:g}%"
+        if not verdict.healthy:
+            raise Unhealthy(verdict.detail + window)
+        return verdict.detail + window
 
     def _deployment(self, step: StepInput) -> Deployment:
         deployment = self._registry.get_deployment(step.deployment_id)
@@ -285,54 +458,233 @@ class DeployWorkflow:
         if not _has_event(deployment, kind):
             self._registry.update_deployment(deployment.with_event(kind, detail), DeploymentStatus.IN_PROGRESS)
 
-    def _finish_failed(self, step: StepInput, deployment: Deployment, kind: str, detail: str) -> None:
-        failed = deployment.with_event(kind, detail, status=DeploymentStatus.FAILED, canary_weight=0.0)
+    def _finish_failed(self, step: StepInput, deployment: Deployment, kind: str, detail: str,
+                       status: DeploymentStatus) -> None:
+        failed = deployment.with_event(kind, detail, status=status, canary_weight=0.0)
         try:
             self._registry.update_deployment(failed, DeploymentStatus.IN_PROGRESS)
         except Conflict:
             if not self._deployment(step).status.terminal:
                 raise
+        self._route_changed(deployment.model)
+
+    def _route_changed(self, model: str) -> None:
+        if self.on_route_change is not None:
+            try:
+                self.on_route_change(model)
+            except Exception:
+                log.exception("route change listener failed")
+
+
+def _report(facts: Mapping[str, Any]) -> str:
+    """An optimizer's report in one line (what the ``optimized`` event says)."""
+    parts = []
+    if facts.get("parent_bytes") and facts.get("derived_bytes"):
+        parts.append(f"{facts['parent_bytes']} -> {facts['derived_bytes']} bytes")
+    if facts.get("parent_p50_ms") is not None and facts.get("derived_p50_ms") is not None:
+        parts.append(f"p50 {float(facts['parent_p50_ms']):.2f} -> {float(facts['derived_p50_ms']):.2f} ms")
+    if facts.get("max_rel_diff") is not None:
+        parts.append(f"max relative output difference {float(facts['max_rel_diff']):.3g}")
+    if facts.get("reused"):
+        parts.append("reused an existing derivative")
+    method = str(facts.get("method") or "")
+    return f"{method + ', ' if method and parts else method}{', '.join(parts)}"
 
 
 def _has_event(deployment: Deployment, kind: str) -> bool:
     return any(event.kind == kind for event in deployment.events)
 
 
+def _last_event(deployment: Deployment, kind: str) -> datetime | None:
+    return next((event.at for event in reversed(deployment.events) if event.kind == kind), None)
+
+
+def _shifts_traffic(deployment: Deployment) -> bool:
+    """Whether traffic moves in steps before the promote: any strategy but all_at_once, or a bake."""
+    return deployment.strategy is not Strategy.ALL_AT_ONCE or deployment.bake_seconds > 0
+
+
+def _first_deploy(deployment: Deployment) -> bool:
+    return deployment.stable_version is None or deployment.stable_version == deployment.version
+
+
+def _awaiting_check(deployment: Deployment) -> bool:
+    """A traffic shift is the newest progress event: its health check has not been recorded yet."""
+    progress = {DONE_EVENTS[StepName.SHIFT_TRAFFIC], DONE_EVENTS[StepName.CHECK_HEALTH]}
+    last = next((event.kind for event in reversed(deployment.events) if event.kind in progress), None)
+    return last == DONE_EVENTS[StepName.SHIFT_TRAFFIC]
+
+
+def _next_weight(deployment: Deployment) -> tuple[float, str]:
+    """The canary weight of the next shift, and why when the strategy does not apply as asked."""
+    if _first_deploy(deployment):
+        why = "" if deployment.strategy is Strategy.ALL_AT_ONCE else (
+            f" ({deployment.strategy.value} runs as all_at_once: "
+            + ("the model has no stable version yet, nothing else to send traffic to)"
+               if deployment.stable_version is None else "the version is already the stable one)"))
+        return 100.0, why
+    if deployment.strategy is Strategy.CANARY:
+        return deployment.canary_percent, ""
+    if deployment.strategy is Strategy.LINEAR:
+        current = deployment.canary_weight if deployment.canary_version == deployment.version else 0.0
+        return min(current + deployment.linear_step_percent, 100.0), ""
+    return 100.0, ""
+
+
+def _finished(deployment: Deployment) -> bool:
+    """After a healthy check: whether the next step is the promote (else another shift)."""
+    if deployment.strategy is not Strategy.LINEAR or _first_deploy(deployment):
+        return True
+    return deployment.canary_weight + deployment.linear_step_percent >= 100.0
+
+
+def _wait_seconds(deployment: Deployment) -> int:
+    if deployment.strategy is Strategy.LINEAR and not _first_deploy(deployment) \
+            and deployment.linear_interval_seconds is not None:
+        return deployment.linear_interval_seconds
+    return deployment.bake_seconds
+
+
 def _failed_step(deployment: Deployment) -> StepName:
-    """The first forward step whose completion event is missing: the one that failed."""
-    for spec in WORKFLOW:
-        if not _has_event(deployment, DONE_EVENTS[spec.name]):
-            return spec.name
-    return WORKFLOW[-1].name
+    """The step after the deployment's newest progress event: the one that failed."""
+    last = next((event.kind for event in reversed(deployment.events) if event.kind in DONE_EVENTS.values()), None)
+    if last is None:
+        return StepName.VALIDATE
+    step = next(name for name, kind in DONE_EVENTS.items() if kind == last)
+    if step is StepName.VALIDATE:
+        return StepName.OPTIMIZE if deployment.optimize else StepName.SMOKE_TEST
+    if step is StepName.SMOKE_TEST:
+        return StepName.SHIFT_TRAFFIC if _shifts_traffic(deployment) else StepName.PROMOTE
+    if step is StepName.CHECK_HEALTH:
+        return StepName.PROMOTE if _finished(deployment) else StepName.SHIFT_TRAFFIC
+    order = [spec.name for spec in WORKFLOW]
+    return order[min(order.index(step) + 1, len(order) - 1)]
+
+
+#: ``wait(seconds, cancelled)``: the in-process Wait state; returns early once ``cancelled`` is set.
+Wait = Callable[[float, threading.Event], object]
 
 
 class InProcessExecutor:
-    """Runs ``WORKFLOW`` in this process, step by step, as the state machine would: a step failing
-    with an error its spec retries on is retried (at most ``attempts`` runs, short backoff); any
-    other failure runs ``ROLLBACK`` with it, then is raised again (the API answers with it)."""
+    """Runs ``WORKFLOW`` in this process as the state machine would: a step failing with an error its
+    spec retries on is retried (at most ``attempts`` runs, short backoff); after ``WAIT_AFTER`` it
+    waits ``wait_seconds`` (interruptibly: :meth:`cancel` or a deployment ended elsewhere wakes it);
+    after ``LOOP_CHOICE_AFTER`` it loops back to ``LOOP_START`` until ``done``; any other failure runs
+    ``ROLLBACK`` with it.
+
+    A deployment whose workflow waits (a bake, an endpoint target) runs in a background thread:
+    :meth:`start` returns it IN_PROGRESS (the API answers 202). Otherwise :meth:`start` runs it here
+    and returns it finished, or raises the error that failed it (after the rollback ran)."""
 
     def __init__(self, workflow: DeployWorkflow, *, attempts: int = 3, backoff_s: float = 0.05,
-                 sleep: Callable[[float], None] = time.sleep):
+                 sleep: Callable[[float], None] = time.sleep, wait: Wait | None = None,
+                 background: bool = True, check_every_s: float = 1.0):
+        """``wait`` replaces the interruptible wait (tests drive traffic in it); ``background`` False
+        runs every workflow in the caller's thread; ``check_every_s``: how often a wait re-reads the
+        deployment to notice a rollback made by another process."""
         if attempts < 1:
             raise ValueError("attempts must be at least 1")
         self.workflow = workflow
         self._attempts = attempts
         self._backoff_s = backoff_s
         self._sleep = sleep
+        self._wait = wait
+        self._background = background
+        self._check_every_s = check_every_s
+        self._lock = threading.Lock()
+        self._cancelled: dict[str, threading.Event] = {}
+        self._threads: dict[str, threading.Thread] = {}
 
     def start(self, deployment: Deployment) -> Deployment:
-        step = StepInput(model=deployment.model, deployment_id=deployment.id)
-        for spec in WORKFLOW:
-            try:
-                step = self._run(spec, step)
-            except Exception as error:
-                failed = step.model_copy(update={"failure": StepFailure.of(error)})
+        if not (self._background and self.workflow.waits(deployment)):
+            return self.run(deployment)
+        with self._lock:
+            running = self._threads.get(deployment.id)
+            if running is not None and running.is_alive():
+                return self.workflow.deployment(deployment.id)  # started twice: one workflow
+            self._cancelled.setdefault(deployment.id, threading.Event())
+            thread = threading.Thread(target=self._run_in_background, args=(deployment,), daemon=True,
+                                      name=f"maas-deploy-{deployment.id[:8]}")
+            self._threads[deployment.id] = thread
+        thread.start()
+        return deployment
+
+    def cancel(self, deployment: Deployment) -> None:
+        """Wake the deployment's wait (a manual rollback): its next step sees it no longer IN_PROGRESS
+        and stops; nothing is promoted afterwards (promote is conditional on IN_PROGRESS)."""
+        with self._lock:
+            event = self._cancelled.setdefault(deployment.id, threading.Event())
+        event.set()
+
+    def join(self, deployment_id: str, timeout: float | None = None) -> bool:
+        """Wait for a background workflow to end; True if none is running."""
+        with self._lock:
+            thread = self._threads.get(deployment_id)
+        if thread is not None:
+            thread.join(timeout)
+            return not thread.is_alive()
+        return True
+
+    def running(self) -> list[str]:
+        with self._lock:
+            return [deployment_id for deployment_id, thread in self._threads.items() if thread.is_alive()]
+
+    def run(self, deployment: Deployment) -> Deployment:
+        """The whole workflow in this thread: the finished deployment, or the error that failed it."""
+        with self._lock:
+            cancelled = self._cancelled.setdefault(deployment.id, threading.Event())
+        try:
+            step = StepInput(model=deployment.model, deployment_id=deployment.id)
+            index = 0
+            while index < len(WORKFLOW):
+                spec = WORKFLOW[index]
                 try:
-                    self._run(ROLLBACK, failed)
-                except Exception:
-                    log.exception("rollback of deployment %s failed", deployment.id)
-                raise error
-        return self.workflow.deployment(deployment.id)
+                    step = self._run(spec, step)
+                except Exception as error:
+                    failed = step.model_copy(update={"failure": StepFailure.of(error)})
+                    try:
+                        self._run(ROLLBACK, failed)
+                    except Exception:
+                        log.exception("rollback of deployment %s failed", deployment.id)
+                    raise error
+                if spec.name is WAIT_AFTER and step.wait_seconds > 0:
+                    self._wait_for(deployment, step.wait_seconds, cancelled)
+                if spec.name is LOOP_CHOICE_AFTER and not step.done:
+                    index = next(i for i, s in enumerate(WORKFLOW) if s.name is LOOP_START)
+                    continue
+                index += 1
+            return self.workflow.deployment(deployment.id)
+        finally:
+            with self._lock:
+                self._cancelled.pop(deployment.id, None)
+
+    def _run_in_background(self, deployment: Deployment) -> None:
+        try:
+            self.run(deployment)
+        except Conflict:
+            log.info("deploy %s stopped: it was cancelled or ended elsewhere", deployment.id)
+        except Exception as error:
+            # Recorded on the deployment by the rollback step; this is for the server's log.
+            log.warning("deploy %s failed: %s", deployment.id, StepFailure.of(error).describe())
+        finally:
+            with self._lock:
+                if self._threads.get(deployment.id) is threading.current_thread():
+                    del self._threads[deployment.id]
+
+    def _wait_for(self, deployment: Deployment, seconds: float, cancelled: threading.Event) -> None:
+        if self._wait is not None:
+            self._wait(seconds, cancelled)
+            return
+        deadline = time.monotonic() + seconds
+        while not cancelled.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or cancelled.wait(min(remaining, self._check_every_s)):
+                return
+            try:
+                if self.workflow.deployment(deployment.id).status.terminal:
+                    return  # rolled back by another process: the next step stops
+            except MaasError:
+                continue  # the store hiccuped: keep waiting, the next step re-reads it
 
     def _run(self, spec: StepSpec, step: StepInput) -> StepInput:
         run = self.workflow.step(spec.name)
@@ -350,11 +702,18 @@ class InProcessExecutor:
 
 __all__ = [
     "DONE_EVENTS",
+    "DONE_PATH",
+    "LOOP_CHOICE_AFTER",
+    "LOOP_START",
     "ROLLBACK",
+    "TARGET_POLL_SECONDS",
     "TRANSIENT_ERRORS",
+    "WAIT_AFTER",
+    "WAIT_SECONDS_PATH",
     "WORKFLOW",
     "DeployWorkflow",
     "InProcessExecutor",
+    "Optimizer",
     "SmokeTest",
     "StepFailure",
     "StepInput",

@@ -2,16 +2,19 @@
 
 The live route of a model is derived from its deployment records (see ``maas.domain.Deployment``),
 so deploy and rollback are each a short sequence of conditional writes that leaves a valid route
-after every step: a crash mid-way never leaves a model pointing at nothing. This issue runs the
-``all_at_once`` strategy; canary and linear reuse the same records with a weighted canary.
+after every step: a crash mid-way never leaves a model pointing at nothing. Strategies
+(``all_at_once``, ``canary``, ``linear``) are carried out by the steps of ``maas.services.deploy``.
 
-A deploy creates its IN_PROGRESS record, then hands it to a ``DeployExecutor`` that runs the steps of
-``maas.services.deploy``: in this process by default (the answer is the finished deployment), or as a
-Step Functions execution on AWS (the answer is the record still IN_PROGRESS)."""
+A deploy creates its IN_PROGRESS record, then hands it to a ``DeployExecutor`` that runs those steps:
+in this process by default (the answer is the finished deployment, or for a deploy that bakes the
+record still IN_PROGRESS while a background thread runs it), or as a Step Functions execution on AWS
+(the answer is the record still IN_PROGRESS)."""
 
 from __future__ import annotations
 
+import logging
 import uuid
+from collections.abc import Mapping
 
 from maas.domain import (
     Deployment,
@@ -25,12 +28,17 @@ from maas.domain import (
     check_version_number,
 )
 from maas.errors import Conflict, InvalidInput, NotFound
-from maas.ports import DeployExecutor, Registry
-from maas.services.deploy import DeployWorkflow, InProcessExecutor, SmokeTest
+from maas.ports import DeployExecutor, EndpointTarget, HealthSource, Registry
+from maas.services.deploy import DeployWorkflow, InProcessExecutor, Optimizer, SmokeTest
 from maas.services.models import ModelService
 from maas.services.pagination import all_deployments, iterate
 
+log = logging.getLogger("maas.deploy")
+
+#: Targets every server runs (the inference function pools / this process); endpoint targets
+#: (``sagemaker``) are accepted only where one is injected.
 SUPPORTED_TARGETS = ("lambda",)
+MAX_BAKE_SECONDS = 86_400
 
 
 def _no_smoke_test(version: ModelVersion) -> None:
@@ -39,31 +47,61 @@ def _no_smoke_test(version: ModelVersion) -> None:
 
 class DeploymentService:
     def __init__(self, registry: Registry, models: ModelService, smoke_test: SmokeTest = _no_smoke_test,
-                 executor: DeployExecutor | None = None):
-        """``executor`` runs the deploy workflow (default: in this process, with ``smoke_test``)."""
+                 executor: DeployExecutor | None = None, *, health: HealthSource | None = None,
+                 targets: Mapping[str, EndpointTarget] | None = None, optimizer: Optimizer | None = None,
+                 workflow: DeployWorkflow | None = None):
+        """``executor`` runs the deploy workflow (default: in this process, with ``smoke_test``,
+        ``health``, ``targets`` and ``optimizer``, or the given ``workflow``)."""
         self._registry = registry
         self._models = models
-        self._workflow = DeployWorkflow(registry, models, smoke_test)
+        self._workflow = workflow or DeployWorkflow(registry, models, smoke_test, health=health, targets=targets,
+                                                    optimizer=optimizer)
         self._executor: DeployExecutor = executor if executor is not None else InProcessExecutor(self._workflow)
+        self._in_process = isinstance(self._executor, InProcessExecutor)
 
     @property
     def workflow(self) -> DeployWorkflow:
         return self._workflow
 
+    @property
+    def executor(self) -> DeployExecutor:
+        return self._executor
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return (*SUPPORTED_TARGETS, *sorted(t for t in self._workflow.targets if t not in SUPPORTED_TARGETS))
+
     def deploy(self, name: str, version: int | str, *, strategy: str = Strategy.ALL_AT_ONCE.value,
                target: str = "lambda", created_by: str = "",
-               thresholds: HealthThresholds | None = None) -> Deployment:
+               thresholds: HealthThresholds | None = None, canary_percent: float | None = None,
+               linear_step_percent: float | None = None, bake_seconds: int | None = None,
+               linear_interval_seconds: int | None = None, optimize: bool = False) -> Deployment:
+        """Start a deploy. Options left None take the domain's defaults (canary 10%, linear steps of
+        10%, no bake, linear interval = bake). Refused with 422 naming the field when invalid, 409
+        while another deploy of the model is in flight."""
         check_model_name(name)
         try:
             chosen_strategy = Strategy(strategy)
         except ValueError:
             raise InvalidInput("strategy must be one of all_at_once, canary, linear",
                                field="strategy") from None
-        if chosen_strategy is not Strategy.ALL_AT_ONCE:
-            raise InvalidInput(f"strategy {strategy!r} is not available on this server yet; "
-                               "use all_at_once", field="strategy")
-        if target not in SUPPORTED_TARGETS:
-            raise InvalidInput(f"target must be one of {', '.join(SUPPORTED_TARGETS)}", field="target")
+        if target not in self.targets:
+            raise InvalidInput(f"target must be one of {', '.join(self.targets)}", field="target")
+        options: dict[str, object] = {}
+        for field, value, low, high in (("canary_percent", canary_percent, 0.0, 100.0),
+                                        ("linear_step_percent", linear_step_percent, 0.0, 100.0)):
+            if value is not None:
+                if not isinstance(value, int | float) or isinstance(value, bool) or not low < value <= high:
+                    raise InvalidInput(f"{field} must be a number above 0 and at most 100", field=field)
+                options[field] = float(value)
+        for field, seconds in (("bake_seconds", bake_seconds), ("linear_interval_seconds", linear_interval_seconds)):
+            if seconds is not None:
+                if not isinstance(seconds, int) or isinstance(seconds, bool) or not 0 <= seconds <= MAX_BAKE_SECONDS:
+                    raise InvalidInput(f"{field} must be a whole number of seconds from 0 to {MAX_BAKE_SECONDS}",
+                                       field=field)
+                options[field] = seconds
+        if optimize and self._in_process and self._workflow.optimizer is None:
+            raise InvalidInput("this server cannot optimize models; deploy without optimize", field="optimize")
         ready = self._models.ready_version(name, version)
         route = self._registry.get_route(name)
         deployment = Deployment(
@@ -74,8 +112,10 @@ class DeploymentService:
             strategy=chosen_strategy,
             stable_version=route.stable_version if route else None,
             thresholds=thresholds or HealthThresholds(),
+            optimize=bool(optimize),
             created_by=created_by,
-        ).with_event("started", f"deploying version {ready.version} ({chosen_strategy.value})")
+            **options,  # type: ignore[arg-type]
+        ).with_event("started", _started_detail(ready.version, chosen_strategy, options, target))
         deployment = self._registry.create_deployment(deployment)
         try:
             return self._executor.start(deployment)
@@ -100,6 +140,7 @@ class DeploymentService:
             cancelled = in_flight.with_event("rolled_back", "cancelled by a manual rollback",
                                              status=DeploymentStatus.ROLLED_BACK, canary_weight=0.0)
             self._registry.update_deployment(cancelled, DeploymentStatus.IN_PROGRESS)
+            self._stop(cancelled)
             history = [cancelled if d.id == in_flight.id else d for d in history]
             if to_version is None:
                 live = next((d for d in history if d.status is DeploymentStatus.SUCCEEDED), None)
@@ -150,14 +191,33 @@ class DeploymentService:
         for model in iterate(self._registry.list_models):
             for deployment in all_deployments(self._registry, model.name):
                 if deployment.status is DeploymentStatus.IN_PROGRESS:
-                    rolled = deployment.with_event("rolled_back", "interrupted by a server restart",
-                                                   status=DeploymentStatus.ROLLED_BACK, canary_weight=0.0)
+                    rolled = deployment.with_event(
+                        "rolled_back", "interrupted by a server restart"
+                        + (f" with {deployment.canary_weight:g}% of traffic on version {deployment.canary_version}"
+                           if deployment.canary_version is not None and deployment.canary_weight else ""),
+                        status=DeploymentStatus.ROLLED_BACK, canary_weight=0.0)
                     try:
                         recovered.append(self._registry.update_deployment(rolled,
                                                                           DeploymentStatus.IN_PROGRESS))
                     except Conflict:
                         continue
+                    self._stop(rolled)
         return recovered
+
+    def _stop(self, cancelled: Deployment) -> None:
+        """Best effort, after a deployment was ended by hand or by a restart: stop its workflow and
+        undo an endpoint target's update (the record already sends no traffic to the version)."""
+        try:
+            self._executor.cancel(cancelled)
+        except Exception:
+            log.exception("could not stop the workflow of deployment %s; its steps stop on their own", cancelled.id)
+        target = self._workflow.targets.get(cancelled.target)
+        if target is not None:
+            try:
+                target.rollback(cancelled)
+            except Exception:
+                log.exception("could not roll back the %s endpoint of deployment %s", cancelled.target,
+                              cancelled.id)
 
     def get(self, deployment_id: str) -> Deployment:
         if not isinstance(deployment_id, str) or not deployment_id.isalnum() or len(deployment_id) > 64:
@@ -176,3 +236,14 @@ class DeploymentService:
             self._registry.get_model(name)
             raise NotFound(f"model {name!r} is not deployed; deploy a version first")
         return route
+
+
+def _started_detail(version: int, strategy: Strategy, options: Mapping[str, object], target: str) -> str:
+    parts = [f"deploying version {version} ({strategy.value}"]
+    shown = {"canary_percent": "canary {}%", "linear_step_percent": "steps of {}%", "bake_seconds": "bake {}s",
+             "linear_interval_seconds": "every {}s"}
+    for key, text in shown.items():
+        if key in options:
+            parts.append(text.format(f"{options[key]:g}" if isinstance(options[key], float) else options[key]))
+    detail = ", ".join(parts) + ")"
+    return detail if target == "lambda" else f"{detail} on {target}"

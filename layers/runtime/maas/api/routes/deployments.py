@@ -45,15 +45,19 @@ def delete_alias(name: ModelName, alias: AliasName, services: ServicesDep, _: De
     responses={
         201: {"description": "The deployment finished (SUCCEEDED): the version serves the model's traffic"},
         202: {"model": Deployment,
-              "description": "The deploy workflow started and runs on (IN_PROGRESS, e.g. on Step Functions): "
-                             "poll `GET /deployments/{id}` until its status is final"},
+              "description": "The deploy workflow started and runs on (IN_PROGRESS: a canary or linear "
+                             "deploy, a bake, or Step Functions): poll `GET /deployments/{id}` until its "
+                             "status is final"},
         **problem_responses(401, 403, 404, 409, 415, 422),
     },
 )
 def start_deployment(name: ModelName, body: StartDeployment, services: ServicesDep, token: Deployer,
                      response: Response) -> Deployment:
-    deployment = services.deployments.deploy(name, body.version, strategy=body.strategy, target=body.target,
-                                             created_by=token.name, thresholds=body.thresholds)
+    deployment = services.deployments.deploy(
+        name, body.version, strategy=body.strategy, target=body.target, created_by=token.name,
+        thresholds=body.thresholds, canary_percent=body.canary_percent,
+        linear_step_percent=body.linear_step_percent, bake_seconds=body.bake_seconds,
+        linear_interval_seconds=body.linear_interval_seconds, optimize=body.optimize)
     services.resolver.invalidate(name)
     if deployment.status is DeploymentStatus.IN_PROGRESS:
         response.status_code = 202

@@ -53,6 +53,17 @@ class StepFunctionsExecutor:
                 self._check_same_input(deployment, payload)
         return deployment
 
+    def cancel(self, deployment: Deployment) -> None:
+        """Stop the deployment's execution (a manual rollback): its Wait ends now instead of after the
+        bake. Already finished or never started: nothing to do."""
+        with aws_errors(WHAT):
+            try:
+                self.client.stop_execution(executionArn=self.execution_arn(deployment.id), error="Cancelled",
+                                           cause="the deployment was rolled back by hand")
+            except ClientError as error:
+                if error_code(error) not in ("ExecutionDoesNotExist", "ValidationException"):
+                    raise
+
     def _check_same_input(self, deployment: Deployment, payload: str) -> None:
         described = self.client.describe_execution(executionArn=self.execution_arn(deployment.id))
         try:

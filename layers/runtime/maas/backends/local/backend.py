@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import fcntl
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from types import TracebackType
+from types import MappingProxyType, TracebackType
 
 from maas.backends.local.artifacts import FileArtifactStore
 from maas.backends.local.registry import SqliteRegistry
 from maas.domain import Scope, Token
 from maas.errors import Conflict
-from maas.ports import ArtifactStore, DeployExecutor, Registry, Validator
+from maas.ports import ArtifactStore, DeployExecutor, EndpointTarget, Registry, Validator
 from maas.services.tokens import TokenService, hash_token
 from maas.settings import Settings
 
@@ -39,6 +39,8 @@ class LocalBackend:
 
     #: Deploys run in the server's process (``maas.services.deploy.InProcessExecutor``).
     deploy_executor: DeployExecutor | None = None
+    #: no target shifts traffic itself here: every deploy is routed by this process
+    endpoint_targets: Mapping[str, EndpointTarget] = MappingProxyType({})
 
     def __init__(self, settings: Settings, *, validator: Validator | None = None):
         self.settings = settings
