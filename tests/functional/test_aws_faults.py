@@ -131,6 +131,9 @@ def healthy(backend: AwsBackend, wrapped: AwsBackend) -> AwsBackend:
                       dynamodb=backend.dynamodb, validator=wrapped.validator)
 
 
+# Each injected fault replays a whole scenario: ~170 s for DynamoDB's ~100 calls per deploy here, so the
+# default 300 s per-test limit is too close on a slower machine.
+@pytest.mark.timeout(900)
 @pytest.mark.parametrize("service", ["s3", "dynamodb"])
 def test_a_failure_at_every_aws_call_keeps_the_invariants(moto: None, settings: Settings, service: str,
                                                          caplog: pytest.LogCaptureFixture) -> None:
