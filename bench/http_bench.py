@@ -1,0 +1,198 @@
+"""Raw onnxruntime, maas's engine in-process, and the HTTP systems, side by side in one run (not a test).
+
+Every point yields result dicts ``{"system", "model", "scenario", "metric", "value", "unit",
+"outputs_match"}``; ``round`` is added so :mod:`bench.report` can take medians over rounds.
+
+* ``raw-ort``: ``session.run`` in a loop in this process, one intra-op thread, pinned to the server core:
+  the limit;
+* ``maas-engine``: ``decode_request`` + ``InferenceEngine.infer`` + ``encode_response`` (OIP JSON) in this
+  process, pinned the same way;
+* ``bare-asgi``, ``thin-fastapi``, ``maas-serve``: over loopback (see :mod:`bench.servers`), load from
+  :mod:`bench.load` in another process on the other core: p50/p99 at 1 connection, throughput at 8 and 32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import orjson
+
+from bench.load import measure
+from bench.models import MODELS
+from bench.servers import SERVER_CORE, serving
+
+SERVER_SYSTEMS = {"bare": "bare-asgi", "fastapi": "thin-fastapi", "maas": "maas-serve"}
+ALL_SYSTEMS = ("raw", "engine", *SERVER_SYSTEMS)
+POINTS = ((1, "c1", ("p50_ms", "p99_ms")), (8, "c8", ("rps",)), (32, "c32", ("rps", "p99_ms")))
+UNITS = {"p50_ms": "ms", "p99_ms": "ms", "rps": "req/s", "errors": "count"}
+
+
+def row(system: str, model: str, scenario: str, metric: str, value: float, match: bool | None) -> dict[str, Any]:
+    return {"system": system, "model": model, "scenario": scenario, "metric": metric, "value": float(value),
+            "unit": UNITS[metric], "outputs_match": match}
+
+
+def request_body(inputs: dict[str, np.ndarray]) -> bytes:
+    return orjson.dumps({"inputs": [{"name": name, "shape": list(array.shape), "datatype": "FP32",
+                                     "data": array.ravel().tolist()} for name, array in inputs.items()]})
+
+
+def reference_outputs(path: Path, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    session = _session(path)
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, inputs), strict=True))
+
+
+def outputs_match(body: bytes, expected: dict[str, np.ndarray]) -> bool:
+    """Does an OIP JSON answer carry raw onnxruntime's outputs (float32 round trip, tight tolerance)?"""
+    try:
+        answer = orjson.loads(body)
+        got = {o["name"]: np.asarray(o["data"]).reshape(o["shape"]) for o in answer["outputs"]}
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+        return False
+    if set(got) != set(expected):
+        return False
+    return all(got[name].shape == want.shape and np.allclose(got[name], want, rtol=1e-5, atol=1e-6)
+               for name, want in expected.items())
+
+
+def _session(path: Path) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+
+
+@contextlib.contextmanager
+def pinned() -> Iterator[None]:
+    """Run this process on the server core for an in-process loop (when the platform lets us)."""
+    if not hasattr(os, "sched_setaffinity") or (os.cpu_count() or 1) < 2:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {int(SERVER_CORE)})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def timed_loop(fn: Callable[[], object], duration: float, warmup: float) -> tuple[float, float, float]:
+    """(p50 ms, p99 ms, calls/s) of ``fn`` called back to back for ``duration`` seconds."""
+    end = time.perf_counter() + warmup
+    while time.perf_counter() < end:
+        fn()
+    samples: list[float] = []
+    started = time.perf_counter()
+    end = started + duration
+    now = started
+    while now < end or len(samples) < 5:
+        fn()
+        after = time.perf_counter()
+        samples.append(after - now)
+        now = after
+    samples.sort()
+    elapsed = now - started
+    return samples[len(samples) // 2] * 1e3, samples[min(len(samples) - 1, int(0.99 * len(samples)))] * 1e3, \
+        len(samples) / elapsed
+
+
+def bench_raw(model: str, path: Path, duration: float, warmup: float) -> list[dict[str, Any]]:
+    inputs = MODELS[model].sample()
+    expected = reference_outputs(path, inputs)
+    with pinned():  # before the session exists: onnxruntime's threads inherit the affinity
+        session = _session(path)
+        got = session.run(None, inputs)
+        match = all(np.array_equal(a, b) for a, b in zip(got, expected.values(), strict=True))
+        p50, p99, rps = timed_loop(lambda: session.run(None, inputs), duration, warmup)
+    return [row("raw-ort", model, "in-process", "p50_ms", p50, match),
+            row("raw-ort", model, "in-process", "p99_ms", p99, match),
+            row("raw-ort", model, "in-process", "rps", rps, match)]
+
+
+def bench_engine(model: str, path: Path, duration: float, warmup: float) -> list[dict[str, Any]]:
+    import onnx
+
+    from maas.domain import ModelVersion, VersionStatus
+    from maas.inference.codec import decode_request, encode_response
+    from maas.inference.engine import InferenceEngine
+    from maas.inference.signature import signature_from_model
+    from maas.settings import Limits
+
+    data = path.read_bytes()
+    version = ModelVersion(model=model, version=1, status=VersionStatus.READY, sha256=hashlib.sha256(data).hexdigest(),
+                           size=len(data), signature=signature_from_model(onnx.load_from_string(data)))
+    limits = Limits()
+    engine = InferenceEngine(lambda _: data, limits)
+    inputs = MODELS[model].sample()
+    body = request_body(inputs)
+    expected = reference_outputs(path, inputs)
+
+    def call() -> bytes:
+        request = decode_request(body, None, limits)
+        outputs = engine.infer(version, request)
+        payload, _ = encode_response(model, "1", request.id, outputs, request.response_binary())
+        return bytes(payload)
+
+    with pinned():  # the first call builds the session: its threads inherit the affinity
+        match = outputs_match(call(), expected)
+        p50, p99, rps = timed_loop(call, duration, warmup)
+    return [row("maas-engine", model, "in-process", "p50_ms", p50, match),
+            row("maas-engine", model, "in-process", "p99_ms", p99, match),
+            row("maas-engine", model, "in-process", "rps", rps, match)]
+
+
+def bench_server(running: Any, system: str, model: str, path: Path, body_file: Path, duration: float, warmup: float,
+                 points: tuple[tuple[int, str, tuple[str, ...]], ...] = POINTS) -> list[dict[str, Any]]:
+    expected = reference_outputs(path, MODELS[model].sample())
+    rows = []
+    for concurrency, scenario, metrics in points:
+        result = measure(running.url, running.infer_path(model), body_file, concurrency, duration, warmup,
+                         running.headers)
+        match = result["first_status"] == 200 and outputs_match(result["first_body"], expected)
+        rows += [row(system, model, scenario, metric, result[metric], match) for metric in metrics]
+        if result["errors"]:
+            rows.append(row(system, model, scenario, "errors", result["errors"], match))
+    return rows
+
+
+def run(models: dict[str, Path], quick: bool = False, rounds: int = 3, systems: tuple[str, ...] = ALL_SYSTEMS,
+        duration: float | None = None, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """All rounds of every system on every model; rows carry ``round``."""
+    duration = duration if duration is not None else (1.0 if quick else 10.0)
+    warmup = min(1.0, max(0.1, duration / 5))
+    results: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="maas-bench-") as temp, contextlib.ExitStack() as stack:
+        bodies = {}
+        for model in models:
+            bodies[model] = Path(temp) / f"{model}.json"
+            bodies[model].write_bytes(request_body(MODELS[model].sample()))
+        running = {}
+        for system in systems:
+            if system in SERVER_SYSTEMS:
+                log(f"starting {SERVER_SYSTEMS[system]}")
+                workdir = Path(temp) / system
+                workdir.mkdir()
+                running[system] = stack.enter_context(serving(system, models, workdir))
+        for index in range(rounds):
+            for model, path in models.items():
+                for system in systems:
+                    log(f"round {index + 1}/{rounds} {model} {system}")
+                    if system == "raw":
+                        rows = bench_raw(model, path, duration, warmup)
+                    elif system == "engine":
+                        rows = bench_engine(model, path, duration, warmup)
+                    else:
+                        rows = bench_server(running[system], SERVER_SYSTEMS[system], model, path, bodies[model],
+                                            duration, warmup)
+                    results += [{**r, "round": index} for r in rows]
+    return results
