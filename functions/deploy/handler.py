@@ -22,7 +22,7 @@ bytes stay recoverable as a noncurrent S3 version for the stage's retention)."""
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from maas.backends.aws import AwsBackend
@@ -100,53 +100,26 @@ def _step(name: StepName, event: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-@logger.inject_lambda_context(clear_state=True)
-@tracer.capture_lambda_handler(capture_response=False)
-@metrics.log_metrics
-def validate(event: dict[str, Any], context: Any) -> dict[str, Any]:
-    return _step(StepName.VALIDATE, event)
+def _entry(name: StepName) -> Callable[[dict[str, Any], Any], dict[str, Any]]:
+    """The Lambda entry of one workflow step (the state machine's task of the same name)."""
+
+    @logger.inject_lambda_context(clear_state=True)
+    @tracer.capture_lambda_handler(capture_response=False)
+    @metrics.log_metrics
+    def entry(event: dict[str, Any], context: Any) -> dict[str, Any]:
+        return _step(name, event)
+
+    entry.__name__ = entry.__qualname__ = name.value
+    return entry
 
 
-@logger.inject_lambda_context(clear_state=True)
-@tracer.capture_lambda_handler(capture_response=False)
-@metrics.log_metrics
-def smoke_test(event: dict[str, Any], context: Any) -> dict[str, Any]:
-    return _step(StepName.SMOKE_TEST, event)
-
-
-@logger.inject_lambda_context(clear_state=True)
-@tracer.capture_lambda_handler(capture_response=False)
-@metrics.log_metrics
-def optimize(event: dict[str, Any], context: Any) -> dict[str, Any]:
-    return _step(StepName.OPTIMIZE, event)
-
-
-@logger.inject_lambda_context(clear_state=True)
-@tracer.capture_lambda_handler(capture_response=False)
-@metrics.log_metrics
-def shift_traffic(event: dict[str, Any], context: Any) -> dict[str, Any]:
-    return _step(StepName.SHIFT_TRAFFIC, event)
-
-
-@logger.inject_lambda_context(clear_state=True)
-@tracer.capture_lambda_handler(capture_response=False)
-@metrics.log_metrics
-def check_health(event: dict[str, Any], context: Any) -> dict[str, Any]:
-    return _step(StepName.CHECK_HEALTH, event)
-
-
-@logger.inject_lambda_context(clear_state=True)
-@tracer.capture_lambda_handler(capture_response=False)
-@metrics.log_metrics
-def promote(event: dict[str, Any], context: Any) -> dict[str, Any]:
-    return _step(StepName.PROMOTE, event)
-
-
-@logger.inject_lambda_context(clear_state=True)
-@tracer.capture_lambda_handler(capture_response=False)
-@metrics.log_metrics
-def rollback(event: dict[str, Any], context: Any) -> dict[str, Any]:
-    return _step(StepName.ROLLBACK, event)
+validate = _entry(StepName.VALIDATE)
+optimize = _entry(StepName.OPTIMIZE)
+smoke_test = _entry(StepName.SMOKE_TEST)
+shift_traffic = _entry(StepName.SHIFT_TRAFFIC)
+check_health = _entry(StepName.CHECK_HEALTH)
+promote = _entry(StepName.PROMOTE)
+rollback = _entry(StepName.ROLLBACK)
 
 
 @logger.inject_lambda_context(clear_state=True)

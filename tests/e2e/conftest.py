@@ -7,7 +7,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,3 +80,23 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     running = start_server(root / "home", root / "server.log")
     yield running
     stop_server(running)
+
+
+@pytest.fixture
+def run(server: Server, monkeypatch: pytest.MonkeyPatch) -> Callable[..., str]:
+    """The CLI in-process (typer's runner) against the running server: ``run("models", "list")``."""
+    from typer.testing import CliRunner
+
+    from maas.cli.main import app
+
+    for key, value in server.env().items():
+        if key.startswith("MAAS_"):
+            monkeypatch.setenv(key, value)
+    runner = CliRunner()
+
+    def invoke(*args: str, code: int = 0) -> str:
+        result = runner.invoke(app, list(args), catch_exceptions=False)
+        assert result.exit_code == code, f"maas {' '.join(args)} -> {result.exit_code}\n{result.output}"
+        return result.output
+
+    return invoke

@@ -6,28 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from maas.cli.main import app
-from tests.e2e.conftest import Server
 from tests.models import mlp_model, scale_model
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture
-def run(server: Server, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
-    for key, value in server.env().items():
-        if key.startswith("MAAS_"):
-            monkeypatch.setenv(key, value)
-    runner = CliRunner()
-
-    def invoke(*args: str, code: int = 0) -> str:
-        result = runner.invoke(app, list(args), catch_exceptions=False)
-        assert result.exit_code == code, f"maas {' '.join(args)} -> {result.exit_code}\n{result.output}"
-        return result.output
-
-    return invoke
 
 
 def test_models_optimize(run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
