@@ -178,17 +178,19 @@ def _is_route_path(path: str) -> bool:
 
 
 def _headers(event: Mapping[str, Any]) -> dict[str, str]:
+    """Lower-cased header names. ``headers`` already holds the last value of a repeated header (what
+    both payload versions put there); ``multiValueHeaders`` is only read for names it lacks, so a REST
+    event's two copies of every header are not both walked on each request."""
+    single = event.get("headers")
     headers: dict[str, str] = {}
+    if isinstance(single, Mapping):
+        headers = {name.lower(): value for name, value in single.items()
+                   if type(name) is str and type(value) is str}
     multi = event.get("multiValueHeaders")
-    if isinstance(multi, Mapping):
+    if isinstance(multi, Mapping) and (not isinstance(single, Mapping) or multi.keys() - single.keys()):
         for name, values in multi.items():
             if isinstance(name, str) and isinstance(values, list) and values and isinstance(values[-1], str):
-                headers[name.lower()] = values[-1]
-    single = event.get("headers")
-    if isinstance(single, Mapping):
-        for name, value in single.items():
-            if isinstance(name, str) and isinstance(value, str):
-                headers[name.lower()] = value
+                headers.setdefault(name.lower(), values[-1])
     return headers
 
 

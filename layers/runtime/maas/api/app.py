@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from fastapi import FastAPI, Response
+from starlette.types import ASGIApp
 
 from maas import __version__
 from maas.api import problems
 from maas.api.deps import Invoker, Services, ServicesDep, TokenCache
 from maas.api.guard import RequestGuard
+from maas.api.inference_path import InferencePath
 from maas.api.metrics import FanOut, PrometheusMetrics
 from maas.api.routes import deployments, inference, models, optimize, tokens
 from maas.inference.engine import InferenceEngine
@@ -33,8 +35,20 @@ Inference follows the Open Inference Protocol v2 (KServe/Triton), with Triton's 
 """
 
 
+class MaasAPI(FastAPI):
+    """FastAPI with ``front``: ASGI layers put in front of the whole stack, FastAPI's own middleware
+    included. The request guard and the infer fast path run there, so an inference request pays for
+    neither FastAPI's router nor its per-request middleware (~20 µs of telemetry and error wrappers)."""
+
+    front: Callable[[ASGIApp], ASGIApp] | None = None
+
+    def build_middleware_stack(self) -> ASGIApp:
+        stack = super().build_middleware_stack()
+        return stack if self.front is None else self.front(stack)
+
+
 def create_app(backend: Backend, settings: Settings | None = None, *,
-               allowed_hosts: Iterable[str] | None = None, metrics_sink: Metrics | None = None) -> FastAPI:
+               allowed_hosts: Iterable[str] | None = None, metrics_sink: Metrics | None = None) -> MaasAPI:
     """Build the API over a backend. ``allowed_hosts`` restricts the Host header (DNS rebinding
     defence for a server bound to loopback); ``None`` accepts any host (behind API Gateway).
     ``metrics_sink`` receives the engine's metrics besides ``/metrics`` (CloudWatch EMF on Lambda)."""
@@ -72,7 +86,7 @@ def create_app(backend: Backend, settings: Settings | None = None, *,
     # Deploys with ``optimize`` quantize through the same service as the optimize route.
     services.deployments.workflow.optimizer = lambda version: services.optimize.optimize(version.model,
                                                                                          version.version)
-    app = FastAPI(title="maas", version=__version__, description=DESCRIPTION, docs_url="/docs",
+    app = MaasAPI(title="maas", version=__version__, description=DESCRIPTION, docs_url="/docs",
                   redoc_url=None, openapi_url="/openapi.json")
     app.state.services = services
     problems.install(app)
@@ -84,9 +98,10 @@ def create_app(backend: Backend, settings: Settings | None = None, *,
     def prometheus_metrics(services: ServicesDep, _: Invoker) -> Response:
         return Response(services.metrics.render(), media_type=PrometheusMetrics.content_type)
 
-    app.add_middleware(RequestGuard, max_request_bytes=settings.limits.max_request_bytes,
-                       max_upload_bytes=settings.limits.max_model_bytes, allowed_hosts=allowed_hosts)
+    app.front = lambda stack: RequestGuard(
+        InferencePath(stack, services), max_request_bytes=settings.limits.max_request_bytes,
+        max_upload_bytes=settings.limits.max_model_bytes, allowed_hosts=allowed_hosts)
     return app
 
 
-__all__ = ["Services", "create_app"]
+__all__ = ["MaasAPI", "Services", "create_app"]

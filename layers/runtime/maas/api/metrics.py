@@ -4,12 +4,24 @@ apps in one process never share counters."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
 from maas.ports import Metrics
 
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                    1.0, 2.5, 5.0, 10.0)
+
+
+@dataclass(frozen=True, slots=True)
+class _VersionSeries:
+    invocations: Any
+    errors: Any
+    latency: Any
+    cache_hits: Any
+    cache_misses: Any
 
 
 class PrometheusMetrics:
@@ -28,17 +40,30 @@ class PrometheusMetrics:
                                     registry=self.registry)
         self.load_time = Histogram("maas_model_load_seconds", "Time to load a model into a session",
                                    labels, registry=self.registry)
+        self._children: dict[tuple[str, int], _VersionSeries] = {}
 
     def invocation(self, model: str, version: int, *, latency_s: float, error: bool) -> None:
-        key = (model, str(version))
-        self.invocations.labels(*key).inc()
+        series = self._series(model, version)
+        series.invocations.inc()
         if error:
-            self.errors.labels(*key).inc()
+            series.errors.inc()
         else:
-            self.latency.labels(*key).observe(latency_s)
+            series.latency.observe(latency_s)
 
     def cache(self, model: str, version: int, *, hit: bool) -> None:
-        (self.cache_hits if hit else self.cache_misses).labels(model, str(version)).inc()
+        series = self._series(model, version)
+        (series.cache_hits if hit else series.cache_misses).inc()
+
+    def _series(self, model: str, version: int) -> _VersionSeries:
+        """The labelled children of one (model, version), looked up once: ``labels()`` takes a lock
+        and builds a key per call, which cost more than a small model's run."""
+        series = self._children.get((model, version))
+        if series is None:
+            key = (model, str(version))
+            series = self._children.setdefault((model, version), _VersionSeries(
+                self.invocations.labels(*key), self.errors.labels(*key), self.latency.labels(*key),
+                self.cache_hits.labels(*key), self.cache_misses.labels(*key)))
+        return series
 
     def model_load(self, model: str, version: int, *, seconds: float) -> None:
         self.load_time.labels(model, str(version)).observe(seconds)

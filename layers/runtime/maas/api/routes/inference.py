@@ -1,37 +1,30 @@
 """Open Inference Protocol v2 data plane (KServe / Triton compatible, with the binary extension).
 
-The infer route reads the raw body and decodes it straight to numpy (``maas.inference.codec``):
-no pydantic model per request, no FastAPI dependency chain, auth from a short-lived token cache."""
+The infer routes are answered by ``maas.api.inference_path.InferencePath`` in front of FastAPI (raw ASGI,
+no router, no dependency chain); they are declared here for OpenAPI and call the same function."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
-from starlette.concurrency import run_in_threadpool
 
 from maas import __version__
 from maas.api.deps import Invoker, ModelName, Services, ServicesDep, VersionRef
+from maas.api.inference_path import run_inference
 from maas.api.schemas import problem_responses
-from maas.domain import ModelVersion, Scope, VersionStatus
-from maas.errors import BadRequest, NotReady
-from maas.inference.codec import decode_request, encode_response
+from maas.domain import ModelVersion, VersionStatus
+from maas.errors import NotReady
 from maas.protocol.oip import (
     BINARY_HEADER,
     EXTENSIONS,
-    VERSION_HEADER,
     InferenceRequest,
     InferenceResponse,
     ModelMetadata,
     TensorMetadata,
 )
-from maas.services.tokens import TokenService
 
 router = APIRouter(tags=["inference"])
-#: Requests up to this many input elements, for a model already loaded, run on the event loop: a
-#: thread hop would cost more than the model. Bigger ones and first loads (reading, hashing and
-#: building a session) run in the threadpool, so they never stall the other connections.
-INLINE_MAX_ELEMENTS = 16_384
 
 INFER_OPENAPI: dict[str, Any] = {
     "requestBody": {"required": True, "content": {
@@ -114,30 +107,10 @@ def version_ready(name: ModelName, version: VersionRef, services: ServicesDep, _
 
 
 async def _infer(request: Request, name: str, ref: str | None) -> Response:
-    services: Services = request.app.state.services
-    token = services.auth.authenticate(request.headers.get("authorization"))
-    TokenService.require(token, Scope.INVOKE, name)
-    chosen = services.resolver.pick(name, ref)
-    raw_length = request.headers.get(BINARY_HEADER)
-    header_length: int | None = None
-    if raw_length is not None:
-        if not raw_length.isascii() or not raw_length.isdigit():
-            raise BadRequest(f"{BINARY_HEADER} must be a non-negative integer", field=BINARY_HEADER)
-        header_length = int(raw_length)
-    body = await request.body()
-    decoded = decode_request(body, header_length, services.settings.limits)
-    if chosen.sha256 in services.engine.cache and \
-            sum(array.size for array in decoded.inputs.values()) <= INLINE_MAX_ELEMENTS:
-        outputs = services.engine.infer(chosen, decoded)
-    else:
-        outputs = await run_in_threadpool(services.engine.infer, chosen, decoded)
-    payload, json_length = encode_response(name, str(chosen.version), decoded.id, outputs,
-                                           decoded.response_binary())
-    headers = {VERSION_HEADER: str(chosen.version)}
-    if json_length is not None:
-        headers[BINARY_HEADER] = str(json_length)
-        return Response(payload, media_type="application/octet-stream", headers=headers)
-    return Response(payload, media_type="application/json", headers=headers)
+    """Reached only when ``InferencePath`` is not in front (it answers these routes itself)."""
+    answer = await run_inference(request.app.state.services, name, ref, request.headers.get("authorization"),
+                                 request.headers.get(BINARY_HEADER), await request.body())
+    return Response(answer.payload, media_type=answer.media_type, headers=answer.headers())
 
 
 @router.post("/v2/models/{name}/infer", response_model=InferenceResponse, openapi_extra=INFER_OPENAPI,

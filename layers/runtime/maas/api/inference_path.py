@@ -1,0 +1,167 @@
+"""The OIP v2 infer routes as a raw ASGI path in front of FastAPI.
+
+For a small model the web framework, not the model, sets the latency: FastAPI's router matches every
+route with its own scope copies, solves a dependency graph and builds a ``Request`` per call, ~200 µs
+that dwarf a 6 µs ``session.run``. ``POST /v2/models/{name}[/versions/{v}]/infer`` is therefore answered
+here, before FastAPI sees it: one regex, the token cache, the route cache, ``decode_request`` straight to
+numpy, the engine, ``encode_response``, two ASGI messages. Everything else, and every infer request whose
+path parameters break the API's rules (FastAPI's 422 answers them), goes on to the FastAPI app; the
+FastAPI routes of ``maas.api.routes.inference`` stay for OpenAPI and call the same :func:`run_inference`.
+
+It sits inside ``RequestGuard`` (Host, Origin, content type and body caps apply unchanged) and answers
+errors with the same problem+json bodies as ``maas.api.problems``."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import MutableMapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from starlette.concurrency import run_in_threadpool
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from maas.domain import Scope as TokenScope
+from maas.domain.names import MODEL_NAME
+from maas.errors import BadRequest, MaasError, Throttled, Unavailable
+from maas.inference.codec import decode_request, encode_response
+from maas.protocol.oip import BINARY_HEADER, VERSION_HEADER
+from maas.services.tokens import TokenService
+
+if TYPE_CHECKING:
+    from maas.api.deps import Services
+
+log = logging.getLogger("maas.api")
+
+#: Requests up to this many input elements, for a model already loaded, run on the event loop: a
+#: thread hop would cost more than the model. Bigger ones and first loads (reading, hashing and
+#: building a session) run in the threadpool, so they never stall the other connections.
+INLINE_MAX_ELEMENTS = 16_384
+INFER_ROUTE = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
+#: the path rules of ``maas.api.deps.ModelName`` / ``VersionRef``; a path breaking them goes to FastAPI
+VERSION_REF = re.compile(r"[1-9][0-9]{0,8}|[a-z][a-z0-9-]{0,62}")
+INTERNAL_PROBLEM = orjson.dumps({"type": "https://maas.dev/problems/internal", "title": "Internal error",
+                                 "status": 500,
+                                 "detail": "the server failed to process the request; it has been logged"})
+_JSON = b"application/json"
+_OCTET_STREAM = b"application/octet-stream"
+_PROBLEM_JSON = b"application/problem+json"
+_BINARY_HEADER = BINARY_HEADER.lower().encode("latin-1")
+_VERSION_HEADER = VERSION_HEADER.lower().encode("latin-1")
+
+
+@dataclass(slots=True)
+class InferenceAnswer:
+    """What an infer request produced: the encoded body, its binary-extension JSON length (``None``
+    for plain JSON) and the version that answered."""
+
+    payload: bytes
+    json_length: int | None
+    version: int
+
+    @property
+    def media_type(self) -> str:
+        return "application/json" if self.json_length is None else "application/octet-stream"
+
+    def headers(self) -> dict[str, str]:
+        headers = {VERSION_HEADER: str(self.version)}
+        if self.json_length is not None:
+            headers[BINARY_HEADER] = str(self.json_length)
+        return headers
+
+
+def header_length(raw: str | None) -> int | None:
+    """The binary extension's ``Inference-Header-Content-Length``, checked."""
+    if raw is None:
+        return None
+    if not raw.isascii() or not raw.isdigit():
+        raise BadRequest(f"{BINARY_HEADER} must be a non-negative integer", field=BINARY_HEADER)
+    return int(raw)
+
+
+async def run_inference(services: Services, name: str, ref: str | None, authorization: str | None,
+                        binary_header: str | None, body: bytes) -> InferenceAnswer:
+    """Authorize, route, decode, run and encode one infer request (raises ``MaasError``)."""
+    token = services.auth.authenticate(authorization)
+    TokenService.require(token, TokenScope.INVOKE, name)
+    chosen = services.resolver.pick(name, ref)
+    decoded = decode_request(body, header_length(binary_header), services.settings.limits)
+    engine = services.engine
+    if chosen.sha256 in engine.cache and \
+            sum(array.size for array in decoded.inputs.values()) <= INLINE_MAX_ELEMENTS:
+        outputs = engine.infer(chosen, decoded)
+    else:
+        outputs = await run_in_threadpool(engine.infer, chosen, decoded)
+    payload, json_length = encode_response(name, str(chosen.version), decoded.id, outputs,
+                                           decoded.response_binary())
+    return InferenceAnswer(payload, json_length, chosen.version)
+
+
+def problem_message(error: MaasError) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """``maas.api.problems.maas_error_response`` as raw ASGI parts."""
+    headers = [(b"content-type", _PROBLEM_JSON)]
+    if isinstance(error, Throttled | Unavailable):
+        headers.append((b"retry-after", str(error.retry_after).encode("latin-1")))
+    if error.status >= 500:
+        log.error("request failed: %s: %s", type(error).__name__, error.detail)
+    return error.status, headers, orjson.dumps(error.to_problem())
+
+
+class InferencePath:
+    """ASGI middleware answering the infer routes itself (see the module docstring)."""
+
+    def __init__(self, app: ASGIApp, services: Services):
+        self.app = app
+        self.services = services
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        match = INFER_ROUTE.fullmatch(scope["path"])
+        if match is None:
+            await self.app(scope, receive, send)
+            return
+        name, ref = match.group(1), match.group(2)
+        if len(name) > 63 or not MODEL_NAME.fullmatch(name) or (ref is not None and not VERSION_REF.fullmatch(ref)):
+            await self.app(scope, receive, send)  # FastAPI's validation answers with its 422
+            return
+        authorization: str | None = None
+        binary_header: str | None = None
+        for key, value in scope["headers"]:
+            if key == b"authorization":
+                authorization = value.decode("latin-1")
+            elif key == _BINARY_HEADER:
+                binary_header = value.decode("latin-1")
+        try:
+            body = await _read_body(receive)
+            answer = await run_inference(self.services, name, ref, authorization, binary_header, body)
+        except MaasError as error:
+            status, headers, payload = problem_message(error)
+        except Exception:
+            log.exception("unhandled error")
+            status, headers, payload = 500, [(b"content-type", _PROBLEM_JSON)], INTERNAL_PROBLEM
+        else:
+            status, payload = 200, answer.payload
+            headers = [(b"content-type", _JSON if answer.json_length is None else _OCTET_STREAM),
+                       (_VERSION_HEADER, str(answer.version).encode("latin-1"))]
+            if answer.json_length is not None:
+                headers.append((_BINARY_HEADER, str(answer.json_length).encode("latin-1")))
+        headers.append((b"content-length", str(len(payload)).encode("latin-1")))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": payload})
+
+
+async def _read_body(receive: Receive) -> bytes:
+    """The whole request body (``RequestGuard`` caps it while it streams in)."""
+    message: MutableMapping[str, Any] = await receive()
+    body: bytes = message.get("body", b"")
+    if not message.get("more_body", False):
+        return body
+    chunks = [body]
+    while message.get("more_body", False):
+        message = await receive()
+        chunks.append(message.get("body", b""))
+    return b"".join(chunks)
