@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import boto3  # noqa: F401  # the SDK loads during init (billed at full CPU), never on a request
+import botocore.session  # noqa: F401  # the SDK loads during init (billed at full CPU), never on a request
 import orjson
 
 from maas import __version__

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -524,6 +525,16 @@ def test_storage_errors_count_as_errors() -> None:
 
 def test_session_options_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("MAAS_ORT_THREADS", raising=False)
+    # unset: onnxruntime's default (0) with every CPU allowed, else one thread per allowed CPU
+    everything = set(os.sched_getaffinity(0))
+    assert ort_threads() == (0 if len(everything) == os.cpu_count() else len(everything))
+    if len(everything) > 1:
+        try:
+            os.sched_setaffinity(0, {min(everything)})
+            assert ort_threads() == 1
+        finally:
+            os.sched_setaffinity(0, everything)
+    monkeypatch.setenv("MAAS_ORT_THREADS", "0")
     assert ort_threads() == 0
     monkeypatch.setenv("MAAS_ORT_THREADS", "2")
     options = default_session_options()

@@ -247,6 +247,10 @@ def serve(
         Path | None,
         typer.Option("--home", help="Directory for the registry and artifacts (default: ~/.maas)."),
     ] = None,
+    access_log: Annotated[bool, typer.Option(
+        "--access-log/--no-access-log",
+        help="Log one line per request (off by default: at thousands of requests a second the log "
+             "costs more than a small model).")] = False,
 ) -> None:
     """Run the local maas server (SQLite registry + artifact directory) in the foreground.
 
@@ -259,7 +263,7 @@ def serve(
     """
     from maas.cli.serve import serve as run_serve
 
-    run_serve(host=host, port=port, home=home or _state(ctx).home)
+    run_serve(host=host, port=port, home=home or _state(ctx).home, access_log=access_log)
 
 
 @app.command()

@@ -117,8 +117,11 @@ def show_admin_token(secret: str, home: Path) -> None:
     stdout_console().print(Panel(text, title="admin token created", border_style="green", expand=False))
 
 
-def make_server(app: FastAPI, host: str, port: int, log_level: str) -> Any:
-    """A ``uvicorn.Server`` for ``app``; run it with ``server.run(sockets=[bind_socket(host, port)])``."""
+def make_server(app: FastAPI, host: str, port: int, log_level: str, *, access_log: bool = False) -> Any:
+    """A ``uvicorn.Server`` for ``app``; run it with ``server.run(sockets=[bind_socket(host, port)])``.
+
+    uvicorn's "auto" picks httptools and uvloop (installed with the ``api`` extra): its pure-Python
+    h11 parser and asyncio's loop cost about as much per request as a small model."""
     try:
         import uvicorn
     except ModuleNotFoundError:
@@ -128,6 +131,9 @@ def make_server(app: FastAPI, host: str, port: int, log_level: str) -> Any:
         host=host,
         port=port,
         log_level=log_level,
+        access_log=access_log,
+        http="auto",
+        loop="auto",
         proxy_headers=False,
         server_header=False,
         timeout_graceful_shutdown=5,
@@ -141,7 +147,7 @@ def close_backend(backend: Any) -> None:
         close()
 
 
-def serve(host: str = "127.0.0.1", port: int = 8080, home: Path | None = None) -> None:
+def serve(host: str = "127.0.0.1", port: int = 8080, home: Path | None = None, *, access_log: bool = False) -> None:
     """Run the local maas server in the foreground until Ctrl-C."""
     settings = Settings.from_env(home)
     sock = bind_socket(host, port)
@@ -154,7 +160,7 @@ def serve(host: str = "127.0.0.1", port: int = 8080, home: Path | None = None) -
         out = stdout_console()
         out.print(Text.assemble(f"maas is serving {settings.home} at ", (url, "bold")), soft_wrap=True)
         out.print(f"API docs: {url}/docs    stop with Ctrl-C", soft_wrap=True)
-        server = make_server(app, host, port, "info")
+        server = make_server(app, host, port, "info", access_log=access_log)
         from maas.backends.local.maintenance import Maintenance
 
         maintenance = Maintenance(backend).start()

@@ -16,7 +16,7 @@ def utcnow() -> datetime:
 
 
 class Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
 
 
 class VersionStatus(StrEnum):

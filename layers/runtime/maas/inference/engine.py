@@ -41,10 +41,11 @@ PROVIDERS = ("CPUExecutionProvider",)
 
 
 def ort_threads() -> int:
-    """``MAAS_ORT_THREADS`` (intra-op threads per session); 0 or unset = onnxruntime's default."""
+    """``MAAS_ORT_THREADS`` (intra-op threads per session); unset = :func:`cpu_share_threads`,
+    0 = onnxruntime's default (one thread per physical core)."""
     raw = os.environ.get(THREADS_ENV, "").strip()
     if not raw:
-        return 0
+        return cpu_share_threads()
     try:
         value = int(raw)
     except ValueError:
@@ -52,6 +53,18 @@ def ort_threads() -> int:
     if value < 0:
         raise ValueError(f"{THREADS_ENV} must be a non-negative integer, got {raw!r}")
     return value
+
+
+def cpu_share_threads() -> int:
+    """As many intra-op threads as CPUs this process may run on, when that is fewer than the machine
+    has (``taskset``, a container's cpuset); else 0, onnxruntime's default. onnxruntime sizes its pool
+    by the machine's cores: on a narrower share its spinning threads fight each other and the event
+    loop for the same CPU, which more than doubled a small model's latency under load here."""
+    try:
+        allowed = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return 0
+    return allowed if allowed < (os.cpu_count() or allowed) else 0
 
 
 def default_session_options() -> ort.SessionOptions:

@@ -1,4 +1,8 @@
-"""boto3 clients made once per process (per Lambda container), with bounded retries.
+"""AWS clients made once per process (per Lambda container), with bounded retries.
+
+They are botocore's low-level clients, exactly what ``boto3.client`` returns without boto3 itself:
+importing boto3 pulls s3transfer and its resource model (~0.1-0.2 s of every cold start) for transfer
+helpers and resources this package never uses.
 
 botocore's ``standard`` retry mode retries throttles and transient errors with exponential backoff
 and full jitter; ``max_attempts`` bounds it so a request fails (429/503) well inside API Gateway's
@@ -9,7 +13,7 @@ from __future__ import annotations
 from functools import cache
 from typing import Any
 
-import boto3
+import botocore.session
 from botocore.config import Config
 
 MAX_ATTEMPTS = 4
@@ -27,8 +31,8 @@ def client_config(**overrides: Any) -> Config:
 
 
 @cache
-def session() -> boto3.session.Session:
-    return boto3.session.Session()
+def session() -> botocore.session.Session:
+    return botocore.session.get_session()
 
 
 def make_client(service: str, *, endpoint_url: str | None = None, **config: Any) -> Any:
@@ -37,4 +41,4 @@ def make_client(service: str, *, endpoint_url: str | None = None, **config: Any)
     cfg = client_config(**config)
     if service == "s3":
         cfg = cfg.merge(Config(signature_version="s3v4"))  # presigned URLs must be SigV4
-    return session().client(service, endpoint_url=endpoint_url, config=cfg)
+    return session().create_client(service, endpoint_url=endpoint_url, config=cfg)
