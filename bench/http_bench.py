@@ -8,13 +8,16 @@ Every point yields result dicts ``{"system", "model", "scenario", "metric", "val
 * ``maas-engine``: ``decode_request`` + ``InferenceEngine.infer`` + ``encode_response`` (OIP JSON) in this
   process, pinned the same way;
 * ``bare-asgi``, ``thin-fastapi``, ``maas-serve``: over loopback (see :mod:`bench.servers`), load from
-  :mod:`bench.load` in another process on the other core: p50/p99 at 1 connection, throughput at 8 and 32.
+  :mod:`bench.load` in another process on the other core: p50/p99 at 1 connection, throughput at 8 and 32;
+* ``maas-serve`` again with Triton's binary tensor extension (inputs and outputs as raw bytes after a JSON
+  header: scenarios ``c1 binary`` ... ``c32 binary``), whose target is raw ``session.run`` throughput.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import tempfile
 import time
@@ -44,6 +47,38 @@ def row(system: str, model: str, scenario: str, metric: str, value: float, match
 def request_body(inputs: dict[str, np.ndarray]) -> bytes:
     return orjson.dumps({"inputs": [{"name": name, "shape": list(array.shape), "datatype": "FP32",
                                      "data": array.ravel().tolist()} for name, array in inputs.items()]})
+
+
+def binary_request(inputs: dict[str, np.ndarray]) -> tuple[bytes, int]:
+    """An OIP request with the binary extension (every input and output as raw bytes) and its JSON
+    header's length (the ``Inference-Header-Content-Length`` header)."""
+    header = orjson.dumps({
+        "inputs": [{"name": name, "shape": list(array.shape), "datatype": "FP32",
+                    "parameters": {"binary_data_size": array.nbytes}} for name, array in inputs.items()],
+        "parameters": {"binary_data_output": True}})
+    return header + b"".join(np.ascontiguousarray(a, dtype=np.float32).tobytes() for a in inputs.values()), len(header)
+
+
+BINARY_DTYPES = {"FP32": np.float32, "FP64": np.float64, "INT64": np.int64, "INT32": np.int32}
+
+
+def binary_outputs_match(body: bytes, expected: dict[str, np.ndarray]) -> bool:
+    """Does a binary-extension answer carry raw onnxruntime's outputs? The JSON header ends where a JSON
+    decoder stops (latin-1 maps bytes to characters one to one, so the index is a byte offset)."""
+    try:
+        header, end = json.JSONDecoder().raw_decode(body.decode("latin-1"))
+        got = {}
+        for output in header["outputs"]:
+            size = output["parameters"]["binary_data_size"]
+            got[output["name"]] = np.frombuffer(body, BINARY_DTYPES[output["datatype"]], size // np.dtype(
+                BINARY_DTYPES[output["datatype"]]).itemsize, end).reshape(output["shape"])
+            end += size
+    except (ValueError, KeyError, TypeError):
+        return False
+    if set(got) != set(expected) or end != len(body):
+        return False
+    return all(got[name].shape == want.shape and np.allclose(got[name], want, rtol=1e-5, atol=1e-6)
+               for name, want in expected.items())
 
 
 def reference_outputs(path: Path, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -152,13 +187,22 @@ def bench_engine(model: str, path: Path, duration: float, warmup: float) -> list
 
 
 def bench_server(running: Any, system: str, model: str, path: Path, body_file: Path, duration: float, warmup: float,
-                 points: tuple[tuple[int, str, tuple[str, ...]], ...] = POINTS) -> list[dict[str, Any]]:
+                 points: tuple[tuple[int, str, tuple[str, ...]], ...] = POINTS,
+                 binary_header_length: int | None = None) -> list[dict[str, Any]]:
+    """Every load point of one system and model; with ``binary_header_length`` the body is a binary-extension
+    request and the scenarios are named ``<point> binary``."""
     expected = reference_outputs(path, MODELS[model].sample())
+    headers = dict(running.headers)
+    suffix, check = "", outputs_match
+    if binary_header_length is not None:
+        headers |= {"Content-Type": "application/octet-stream",
+                    "Inference-Header-Content-Length": str(binary_header_length)}
+        suffix, check = " binary", binary_outputs_match
     rows = []
-    for concurrency, scenario, metrics in points:
-        result = measure(running.url, running.infer_path(model), body_file, concurrency, duration, warmup,
-                         running.headers)
-        match = result["first_status"] == 200 and outputs_match(result["first_body"], expected)
+    for concurrency, point, metrics in points:
+        scenario = point + suffix
+        result = measure(running.url, running.infer_path(model), body_file, concurrency, duration, warmup, headers)
+        match = result["first_status"] == 200 and check(result["first_body"], expected)
         rows += [row(system, model, scenario, metric, result[metric], match) for metric in metrics]
         if result["errors"]:
             rows.append(row(system, model, scenario, "errors", result["errors"], match))
@@ -172,10 +216,13 @@ def run(models: dict[str, Path], quick: bool = False, rounds: int = 3, systems: 
     warmup = min(1.0, max(0.1, duration / 5))
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="maas-bench-") as temp, contextlib.ExitStack() as stack:
-        bodies = {}
+        bodies, binary_bodies = {}, {}
         for model in models:
             bodies[model] = Path(temp) / f"{model}.json"
             bodies[model].write_bytes(request_body(MODELS[model].sample()))
+            binary, header_length = binary_request(MODELS[model].sample())
+            binary_bodies[model] = (Path(temp) / f"{model}.bin", header_length)
+            binary_bodies[model][0].write_bytes(binary)
         running = {}
         for system in systems:
             if system in SERVER_SYSTEMS:
@@ -194,5 +241,9 @@ def run(models: dict[str, Path], quick: bool = False, rounds: int = 3, systems: 
                     else:
                         rows = bench_server(running[system], SERVER_SYSTEMS[system], model, path, bodies[model],
                                             duration, warmup)
+                        if system == "maas":
+                            binary_file, header_length = binary_bodies[model]
+                            rows += bench_server(running[system], SERVER_SYSTEMS[system], model, path, binary_file,
+                                                 duration, warmup, binary_header_length=header_length)
                     results += [{**r, "round": index} for r in rows]
     return results

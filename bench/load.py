@@ -100,7 +100,8 @@ def _percentile(sorted_values: list[float], q: float) -> float:
 async def run(url: str, path: str, body: bytes, concurrency: int, duration: float, warmup: float,
               headers: dict[str, str]) -> dict[str, object]:
     parts = urlsplit(url)
-    lines = [f"POST {path} HTTP/1.1", f"Host: {parts.hostname}:{parts.port}", "Content-Type: application/json",
+    content_type = "" if any(k.lower() == "content-type" for k in headers) else "Content-Type: application/json"
+    lines = [f"POST {path} HTTP/1.1", f"Host: {parts.hostname}:{parts.port}", *([content_type] if content_type else []),
              f"Content-Length: {len(body)}", *(f"{k}: {v}" for k, v in headers.items())]
     request = ("\r\n".join(lines) + "\r\n\r\n").encode() + body
     stats = _Stats()

@@ -66,7 +66,7 @@ def with_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _order(r: dict[str, Any]) -> tuple[Any, ...]:
     systems = [RAW, "maas-engine", *BOUNDS, "maas-serve"]
-    scenarios = ["in-process", "c1", "c8", "c32"]
+    scenarios = ["in-process", "c1", "c8", "c32", "c1 binary", "c8 binary", "c32 binary"]
     return (r["model"], scenarios.index(r["scenario"]) if r["scenario"] in scenarios else 99, r["scenario"],
             r["metric"], systems.index(r["system"]) if r["system"] in systems else 99, r["system"])
 
