@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import botocore.session  # noqa: F401  # the SDK loads during init (billed at full CPU), never on a request
+import onnxruntime  # noqa: F401  # the engine imports it lazily; this function runs models, so at init
 import orjson
 
 from maas import __version__

@@ -195,3 +195,24 @@ def test_response_over_lambdas_limit_is_a_clear_413(api: ModuleType, admin: str,
     assert status == 413 and headers["content-type"] == PROBLEM and headers["x-request-id"]
     assert "limit" in json.loads(body)["detail"]
     assert call(api, "v2_http_json_infer_prod", "GET", "/models?limit=1", admin)[0] == 200
+
+
+def test_the_import_path_loads_no_model_runtime(tmp_path: Path) -> None:
+    """The API function never runs a model on AWS (the inference function does): importing its handler,
+    in a fresh interpreter as a cold start would, loads neither onnxruntime nor onnx (issue 7: each costs
+    tens of ms on every cold start); the optimize route imports them on its first call."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[2]
+    code = ("import importlib.util, sys; spec = importlib.util.spec_from_file_location('handler', sys.argv[1]); "
+            "module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module); "
+            "print(sorted(m for m in ('onnxruntime', 'onnx', 'fastapi', 'mangum') if m in sys.modules))")
+    env = {**os.environ, "MAAS_BUCKET": TEST_BUCKET, "MAAS_TABLE": TEST_TABLE, "MAAS_HOME": str(tmp_path / "home"),
+           "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "PYTHONPATH": str(repo / "layers" / "runtime")}
+    done = subprocess.run([sys.executable, "-c", code, str(repo / "functions" / "api" / "handler.py")], env=env,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["['fastapi',", "'mangum']"]

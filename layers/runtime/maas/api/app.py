@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from fastapi import FastAPI, Response
 from starlette.types import ASGIApp
@@ -15,8 +16,8 @@ from maas.api.guard import RequestGuard
 from maas.api.inference_path import InferencePath
 from maas.api.metrics import FanOut, PrometheusMetrics
 from maas.api.routes import deployments, inference, models, optimize, tokens
+from maas.domain import Signature
 from maas.inference.engine import InferenceEngine
-from maas.inference.optimize import quantize
 from maas.inference.smoke import SmokeTest
 from maas.ports import Backend, Metrics
 from maas.services.aliases import AliasService
@@ -33,6 +34,14 @@ DESCRIPTION = """Versioned, validated, monitored ONNX model serving.
 Management routes need `Authorization: Bearer <token>`; errors are `application/problem+json`.
 Inference follows the Open Inference Protocol v2 (KServe/Triton), with Triton's binary tensor extension.
 """
+
+
+def _quantize(settings: Settings, model: bytes, signature: Signature, tolerance: float) -> tuple[bytes, Any]:
+    """``maas.inference.optimize.quantize``, imported on the first optimize call: it loads onnx and
+    onnxruntime, which the API function on AWS never needs otherwise (its cold start stays lean)."""
+    from maas.inference.optimize import quantize
+
+    return quantize(model, signature, tolerance, limits=settings.limits)
 
 
 class MaasAPI(FastAPI):
@@ -78,8 +87,7 @@ def create_app(backend: Backend, settings: Settings | None = None, *,
         resolver=ServingResolver(backend.registry, model_service),
         engine=engine,
         metrics=metrics,
-        optimize=OptimizeService(model_service, backend.artifacts,
-                                 functools.partial(quantize, limits=settings.limits)),
+        optimize=OptimizeService(model_service, backend.artifacts, functools.partial(_quantize, settings)),
     )
     # Traffic shifts made by deploys running in this process reach the route cache at once.
     services.deployments.workflow.on_route_change = services.resolver.invalidate

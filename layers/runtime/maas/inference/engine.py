@@ -15,16 +15,20 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from time import perf_counter
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import numpy as np
-import onnxruntime as ort
 
 from maas.domain import ModelVersion, Signature, TensorSpec, VersionStatus
 from maas.errors import InferenceFailed, InvalidInput, MaasError, NotReady, StorageCorrupted
 from maas.inference.codec import DecodedRequest, datatype_to_dtype
 from maas.ports import Metrics, NullMetrics
 from maas.settings import Limits
+
+if TYPE_CHECKING:
+    # Imported where a session is built: the API function's import path (FastAPI behind Mangum, which
+    # never runs a model on AWS) must not pay onnxruntime's ~50-100 ms import on every cold start.
+    import onnxruntime as ort
 
 __all__ = [
     "CacheStats",
@@ -69,6 +73,8 @@ def cpu_share_threads() -> int:
 
 def default_session_options() -> ort.SessionOptions:
     """Server defaults: full graph optimisation, ``MAAS_ORT_THREADS`` intra-op threads, quiet logs."""
+    import onnxruntime as ort
+
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = ort_threads()
@@ -423,6 +429,8 @@ class InferenceEngine:
                 "match its recorded sha256"
             )
         try:
+            import onnxruntime as ort
+
             session = ort.InferenceSession(data, sess_options=self._options(), providers=self._providers)
         except Exception as exc:
             raise InferenceFailed(
