@@ -42,3 +42,12 @@ def test_bare_asgi_over_http_and_report(tiny: dict[str, Path], tmp_path: Path) -
     assert not [r for r in http_rows if r["metric"] == "errors"]
     json_path, md_path = report.write(results, tmp_path)
     assert json_path.exists() and "| tiny | c32 | rps | bare-asgi |" in md_path.read_text()
+
+
+def test_maas_serve_json_and_binary_over_http(tiny: dict[str, Path]) -> None:
+    """``maas serve`` pushed and deployed through the SDK, loaded with JSON and with the binary tensor
+    extension: every point answers raw onnxruntime's outputs, without errors."""
+    results = http_bench.run(tiny, rounds=1, systems=("maas",), duration=0.3, log=lambda _: None)
+    check_rows([r for r in results if r["metric"] != "errors"], "maas-serve")
+    assert {r["scenario"] for r in results} == {"c1", "c8", "c32", "c1 binary", "c8 binary", "c32 binary"}
+    assert not [r for r in results if r["metric"] == "errors"]
