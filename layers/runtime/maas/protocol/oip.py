@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 #: OIP datatype name -> numpy dtype string. BYTES tensors are numpy object arrays of ``bytes``.
 DATATYPE_TO_NUMPY: dict[str, str] = {
@@ -31,13 +31,21 @@ VERSION_HEADER = "X-Maas-Model-Version"
 EXTENSIONS = ("binary_tensor_data",)
 
 
-class TensorMetadata(BaseModel):
+class _Schema(BaseModel):
+    """The OIP shapes, for OpenAPI and metadata answers. The infer hot path never validates through
+    them, so their validators are built on first use, not at import (the inference Lambda imports
+    this module for its constants: a cold start should not build schemas it never uses)."""
+
+    model_config = ConfigDict(defer_build=True)
+
+
+class TensorMetadata(_Schema):
     name: str
     datatype: str
     shape: list[int]
 
 
-class ModelMetadata(BaseModel):
+class ModelMetadata(_Schema):
     name: str
     versions: list[str] = Field(default_factory=list)
     platform: str = "onnxruntime_onnx"
@@ -45,7 +53,7 @@ class ModelMetadata(BaseModel):
     outputs: list[TensorMetadata]
 
 
-class RequestInput(BaseModel):
+class RequestInput(_Schema):
     name: str
     shape: list[int]
     datatype: str
@@ -53,19 +61,19 @@ class RequestInput(BaseModel):
     data: list[Any] | None = Field(default=None, description="Row-major tensor data, flat or nested.")
 
 
-class RequestOutput(BaseModel):
+class RequestOutput(_Schema):
     name: str
     parameters: dict[str, Any] | None = None
 
 
-class InferenceRequest(BaseModel):
+class InferenceRequest(_Schema):
     id: str | None = None
     parameters: dict[str, Any] | None = None
     inputs: list[RequestInput]
     outputs: list[RequestOutput] | None = None
 
 
-class ResponseOutput(BaseModel):
+class ResponseOutput(_Schema):
     name: str
     shape: list[int]
     datatype: str
@@ -73,7 +81,7 @@ class ResponseOutput(BaseModel):
     data: list[Any] | None = None
 
 
-class InferenceResponse(BaseModel):
+class InferenceResponse(_Schema):
     model_name: str
     model_version: str | None = None
     id: str | None = None
