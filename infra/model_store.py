@@ -17,6 +17,8 @@ SORT_KEY = "sk"
 INDEX_NAME = "gsi1"
 INDEX_PARTITION_KEY = "gsi1pk"
 INDEX_SORT_KEY = "gsi1sk"
+#: Items carrying it expire (idempotency keys; maas.backends.aws.table.TTL_ATTRIBUTE).
+TIME_TO_LIVE_ATTRIBUTE = "ttl"
 # Key prefixes of the bucket (maas.backends.aws.artifacts).
 MODELS_PREFIX = "models/"
 UPLOADS_PREFIX = "uploads/"
@@ -80,6 +82,7 @@ class ModelStore(Construct):
                 point_in_time_recovery_enabled=True),
             deletion_protection=config.retain_data,
             encryption=dynamodb.TableEncryption.AWS_MANAGED,
+            time_to_live_attribute=TIME_TO_LIVE_ATTRIBUTE,
             removal_policy=removal,
         )
         self.table.add_global_secondary_index(

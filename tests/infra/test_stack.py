@@ -21,7 +21,7 @@ from infra.deploy_workflow import (
     state_name_of,
 )
 from infra.gpu import ENDPOINT_ACTIONS
-from maas.backends.aws.table import table_definition
+from maas.backends.aws.table import table_definition, time_to_live_specification
 from maas.errors import InvalidInput
 from maas.services.deploy import (
     DONE_PATH,
@@ -171,6 +171,7 @@ def test_table_matches_what_the_backend_writes(dev: Synthesized) -> None:
     assert props["BillingMode"] == expected["BillingMode"] == "PAY_PER_REQUEST"
     assert props["PointInTimeRecoverySpecification"] == {"PointInTimeRecoveryEnabled": True}
     assert props["SSESpecification"]["SSEEnabled"] is True
+    assert props["TimeToLiveSpecification"] == time_to_live_specification()  # idempotency keys expire
 
 
 def test_prod_keeps_data_dev_may_destroy_it(dev: Synthesized, prod: Synthesized) -> None:

@@ -159,6 +159,67 @@ class Registry(Protocol):
     def revoke_token(self, token_id: str) -> Token: ...
 
 
+@dataclass(frozen=True)
+class StoredResponse:
+    """What an idempotent request answered, kept so that a retry gets the same bytes back."""
+
+    status: int
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+
+
+@dataclass(frozen=True)
+class IdempotencyRecord:
+    """One ``Idempotency-Key`` of one principal (a token id): in progress while ``response`` is None.
+
+    ``key`` is what the service files the client's key under (a digest: stores never see the key
+    itself, which seals the stored ``response.body``; see ``maas.services.idempotency``).
+    ``claim`` identifies the request holding the key, so that only it can complete or release it;
+    ``lease_until`` bounds how long an in-progress claim blocks the key (a crashed holder never
+    completes); ``expires_at`` is when the key is forgotten altogether. Times are epoch seconds."""
+
+    principal: str
+    key: str
+    fingerprint: str
+    claim: str
+    expires_at: float
+    lease_until: float
+    response: StoredResponse | None = None
+
+    @property
+    def completed(self) -> bool:
+        return self.response is not None
+
+
+@runtime_checkable
+class IdempotencyStore(Protocol):
+    """Where idempotency keys live (SQLite table locally, DynamoDB items on AWS).
+
+    ``claim`` is the one atomic step that makes "exactly once" hold across threads, processes and
+    Lambda containers: of any number of concurrent claims of a key, exactly one succeeds."""
+
+    def claim(self, record: IdempotencyRecord, now: float) -> IdempotencyRecord | None:
+        """Store ``record`` (in progress) unless a live record holds its key: a completed one not
+        yet expired, or an in-progress one whose lease has not run out. Returns None when the claim
+        was taken, else the record holding the key."""
+        ...
+
+    def complete(self, principal: str, key: str, claim: str, response: StoredResponse,
+                 expires_at: float) -> bool:
+        """Record the response of the claim ``claim``; False (nothing written) if that claim no
+        longer holds the key (its lease ran out and another request took it over)."""
+        ...
+
+    def release(self, principal: str, key: str, claim: str) -> None:
+        """Forget the key if ``claim`` still holds it and has not completed (the request failed
+        without a result worth replaying: a retry must run it again)."""
+        ...
+
+    def get(self, principal: str, key: str, now: float) -> IdempotencyRecord | None:
+        """The live record of a key (expired ones read as absent)."""
+        ...
+
+
 class Validator(Protocol):
     def validate(self, path: Path) -> Signature:
         """Check an artifact is a safe, runnable ONNX model; raises ModelRejected with the reason."""
@@ -259,6 +320,8 @@ class Backend(Protocol):
     registry: Registry
     artifacts: ArtifactStore
     validator: Validator
+    #: where ``Idempotency-Key``s of mutating API calls are kept (``maas.services.idempotency``)
+    idempotency: IdempotencyStore
 
     @property
     def deploy_executor(self) -> DeployExecutor | None: ...

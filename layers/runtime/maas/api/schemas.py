@@ -85,7 +85,8 @@ class TokenInfo(BaseModel):
 
 
 class CreatedToken(TokenInfo):
-    token: str = Field(description="The secret; shown only in this response")
+    token: str | None = Field(description="The secret; shown only in this response (null in a replay of the "
+                                          "same Idempotency-Key: the secret is never stored)")
 
 
 class StagedUploadInfo(BaseModel):

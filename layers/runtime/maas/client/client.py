@@ -13,9 +13,12 @@ plain dicts and lists. HTTP errors raise :class:`MaasClientError`, built from th
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import random
 import time
+import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -46,6 +49,19 @@ DEPLOY_POLL_MAX_S = 5.0
 IN_PROGRESS = "IN_PROGRESS"
 FAILED_STATUSES = ("FAILED", "ROLLED_BACK")
 
+#: Sent with every mutating management call (a fresh UUID per call, the same one on each retry of
+#: it): the server runs the call once however many times it arrives (docs: README "Idempotency").
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+MUTATING_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+#: Answers worth retrying a call with the same key: throttled, gateway/backend unavailable.
+RETRY_STATUSES = frozenset({429, 502, 503, 504})
+#: Failures with no answer (status 0) worth a retry: the call may or may not have run, which the
+#: idempotency key makes harmless. "Cannot connect" is left out: nothing is listening.
+RETRY_TRANSPORT_TITLES = frozenset({"Timeout", "Connection error"})
+RETRIES = 3
+RETRY_DELAY_S = 0.5
+RETRY_DELAY_MAX_S = 10.0
+
 
 class MaasClientError(Exception):
     """An error answered by the maas server (or no answer at all: ``status`` 0).
@@ -53,11 +69,14 @@ class MaasClientError(Exception):
     ``str()`` is one line such as ``409 Conflict: version 3 is referenced by alias 'champion'``.
     """
 
-    def __init__(self, status: int, title: str, detail: str = "", field: str | None = None):
+    def __init__(self, status: int, title: str, detail: str = "", field: str | None = None, *,
+                 retry_after: float | None = None):
         self.status = status
         self.title = title
         self.detail = detail
         self.field = field
+        #: the server's ``Retry-After`` (seconds), when it said when to retry
+        self.retry_after = retry_after
         super().__init__(str(self))
 
     def __str__(self) -> str:
@@ -94,7 +113,10 @@ class MaasClientError(Exception):
             field = str(raw_field) if raw_field is not None else None
         else:
             detail = " ".join(response.text.split())[:300]
-        return cls(status, title, detail, field)
+        retry_after: float | None = None
+        with contextlib.suppress(ValueError):
+            retry_after = float(response.headers.get("Retry-After", ""))
+        return cls(status, title, detail, field, retry_after=retry_after)
 
 
 class DeploymentFailed(MaasClientError):
@@ -262,13 +284,20 @@ class Client:
         transport: httpx.BaseTransport | None = None,
         http_client: httpx.Client | None = None,
         home: str | Path | None = None,
+        retries: int = RETRIES,
+        retry_delay: float = RETRY_DELAY_S,
     ):
+        """``retries``: how many times a mutating call is sent again after a timeout, a dropped
+        connection, 429 or 502/503/504 (with the same ``Idempotency-Key``: it still runs once);
+        ``retry_delay``: the first wait, doubled each time, unless the server sent ``Retry-After``."""
         if http_client is not None and url is None:
             self.url = str(http_client.base_url).rstrip("/")
         else:
             self.url = resolve_url(url)
         self.token = resolve_token(token, home)
         self.timeout = timeout
+        self.retries = max(0, int(retries))
+        self.retry_delay = max(0.0, float(retry_delay))
         self._transport = transport
         self._owns_http = http_client is None
         try:
@@ -330,7 +359,11 @@ class Client:
         *,
         json: Any = None,
         params: Mapping[str, Any] | None = None,
+        idempotency_key: str | None = None,
     ) -> Any:
+        """One API call. Mutating management calls carry an ``Idempotency-Key`` (``idempotency_key``
+        or a fresh UUID) and are retried with that same key on transient failures, so a retry after
+        a lost answer returns the first answer instead of, say, registering a second version."""
         headers = {"Accept": "application/json", **self._auth_headers()}
         kwargs: dict[str, Any] = {"headers": headers}
         if json is not None:
@@ -338,13 +371,38 @@ class Client:
             kwargs["content"] = orjson.dumps(json, option=orjson.OPT_SERIALIZE_NUMPY)
         if params:
             kwargs["params"] = {key: value for key, value in params.items() if value is not None}
-        response = self._send(self._http, method, path, **kwargs)
+        idempotent = method.upper() in MUTATING_METHODS and not path.startswith("/v2")  # not inference
+        if idempotent:
+            headers[IDEMPOTENCY_HEADER] = idempotency_key or str(uuid.uuid4())
+        attempt = 0
+        while True:
+            try:
+                response = self._send(self._http, method, path, **kwargs)
+                break
+            except MaasClientError as error:
+                if not idempotent or attempt >= self.retries or not self._retryable(error):
+                    raise
+                time.sleep(self._retry_wait(error, attempt))
+                attempt += 1
         if response.status_code == 204 or not response.content:
             return None
         try:
             return response.json()
         except ValueError:
             return response.text
+
+    @staticmethod
+    def _retryable(error: MaasClientError) -> bool:
+        if error.status == 0:
+            return error.title in RETRY_TRANSPORT_TITLES
+        # 409 on the key itself: the first copy of this call is still running on the server.
+        return error.status in RETRY_STATUSES or (error.status == 409 and error.field == IDEMPOTENCY_HEADER)
+
+    def _retry_wait(self, error: MaasClientError, attempt: int) -> float:
+        if error.retry_after is not None:
+            return float(min(max(error.retry_after, 0.0), RETRY_DELAY_MAX_S))
+        base = float(min(self.retry_delay * 2.0**attempt, RETRY_DELAY_MAX_S))
+        return base / 2 + random.uniform(0, base / 2)  # jitter: clients that failed together spread out
 
     def _paged(self, path: str, limit: int | None = None) -> list[Any]:
         """Every item of a paginated list, following ``next_cursor``."""

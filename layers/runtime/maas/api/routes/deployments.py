@@ -7,10 +7,12 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Query, Response
 
 from maas.api.deps import AliasName, Deployer, Invoker, ModelName, ServicesDep
+from maas.api.idempotency import IdempotentRoute
 from maas.api.schemas import AliasList, DeploymentPage, Rollback, SetAlias, StartDeployment, problem_responses
 from maas.domain import Alias, Deployment, DeploymentStatus
 
-router = APIRouter(tags=["deployments"])
+# Mutating routes accept ``Idempotency-Key`` (maas.api.idempotency): a retried deploy or rollback runs once.
+router = APIRouter(tags=["deployments"], route_class=IdempotentRoute)
 
 
 @router.get("/models/{name}/aliases", response_model=AliasList, responses=problem_responses(401, 403, 404))

@@ -11,6 +11,7 @@ from fastapi import APIRouter, Path, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from maas.api.deps import Admin, Deployer, Invoker, ModelName, ServicesDep, VersionNumber
+from maas.api.idempotency import IdempotentRoute, exempt
 from maas.api.schemas import (
     CommitVersion,
     CreateModel,
@@ -26,7 +27,9 @@ from maas.domain import DeploymentStatus, Model, ModelVersion, Scope, UploadPlan
 from maas.errors import Forbidden
 from maas.services.tokens import TokenService
 
-router = APIRouter(tags=["models"])
+# Mutating routes accept ``Idempotency-Key`` (maas.api.idempotency): a retried create or commit never
+# registers a second version.
+router = APIRouter(tags=["models"], route_class=IdempotentRoute)
 Limit = Annotated[int, Query(ge=1, le=1000, description="Page size")]
 Cursor = Annotated[str | None, Query(max_length=512, description="Cursor from the previous page")]
 
@@ -139,6 +142,7 @@ class _StreamReader(io.RawIOBase):
             responses=problem_responses(401, 403, 404, 413, 415, 422),
             openapi_extra={"requestBody": {"required": True, "content": {
                 "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}})
+@exempt  # streams its body (never buffered for a fingerprint); re-sending to an upload id replaces it
 async def upload(upload_id: Annotated[str, Path(pattern=r"^[0-9a-f]{32}$")], request: Request,
                  services: ServicesDep) -> StagedUploadInfo:
     # The path names no model, so the scope check uses the model the upload was reserved for.

@@ -8,10 +8,11 @@ from fastapi import APIRouter, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from maas.api.deps import Deployer, ModelName, ServicesDep, VersionRef
+from maas.api.idempotency import IdempotentRoute
 from maas.api.schemas import problem_responses
 from maas.domain import ModelVersion
 
-router = APIRouter(tags=["models"])
+router = APIRouter(tags=["models"], route_class=IdempotentRoute)  # Idempotency-Key (maas.api.idempotency)
 
 
 class OptimizeVersion(BaseModel):

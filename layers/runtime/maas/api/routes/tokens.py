@@ -7,10 +7,11 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Response
 
 from maas.api.deps import Admin, ServicesDep
+from maas.api.idempotency import IdempotentRoute, secret_fields
 from maas.api.schemas import CreatedToken, CreateToken, TokenInfo, TokenList, problem_responses
 from maas.domain import Token
 
-router = APIRouter(tags=["tokens"])
+router = APIRouter(tags=["tokens"], route_class=IdempotentRoute)  # Idempotency-Key (maas.api.idempotency)
 
 
 def _info(token: Token) -> TokenInfo:
@@ -20,6 +21,7 @@ def _info(token: Token) -> TokenInfo:
 
 @router.post("/tokens", status_code=201, response_model=CreatedToken,
              responses=problem_responses(401, 403, 415, 422))
+@secret_fields("token")
 def create_token(body: CreateToken, services: ServicesDep, caller: Admin) -> CreatedToken:
     token, secret = services.tokens.create(body.name, body.scopes, model=body.model, created_by=caller.name)
     return CreatedToken(**_info(token).model_dump(), token=secret)

@@ -11,10 +11,11 @@ from typing import Any
 
 from maas.backends.aws.artifacts import S3ArtifactStore
 from maas.backends.aws.clients import make_client
+from maas.backends.aws.idempotency import DynamoIdempotencyStore
 from maas.backends.aws.registry import DynamoRegistry
 from maas.domain import Signature
 from maas.errors import InvalidInput
-from maas.ports import ArtifactStore, DeployExecutor, EndpointTarget, Registry, Validator
+from maas.ports import ArtifactStore, DeployExecutor, EndpointTarget, IdempotencyStore, Registry, Validator
 from maas.settings import ENV_BUCKET, ENV_ENDPOINT, ENV_STATE_MACHINE, ENV_TABLE, Settings
 
 
@@ -54,6 +55,8 @@ class AwsBackend:
         self.registry: Registry = DynamoRegistry(self.dynamodb, table,
                                                  page_size_max=settings.limits.page_size_max)
         self.artifacts: ArtifactStore = S3ArtifactStore(self.s3, bucket, settings.limits)
+        # Same table as the registry (its own partition per key, expired by the table's TTL).
+        self.idempotency: IdempotencyStore = DynamoIdempotencyStore(self.dynamodb, table)
         self.validator: Validator = validator if validator is not None else LazyValidator(settings)
         self._endpoint_targets: dict[str, EndpointTarget] | None = None
 

@@ -1,6 +1,6 @@
 """The local backend: everything ``maas serve`` needs, under one home directory.
 
-    <home>/registry.db     the registry (SQLite, WAL)
+    <home>/registry.db     the registry (SQLite, WAL), idempotency keys included
     <home>/artifacts/      uploads and content-addressed blobs
     <home>/admin-token     the generated admin token (mode 0600), when MAAS_ADMIN_TOKEN is not set
     <home>/.lock           serializes start-up work between processes sharing the home
@@ -17,10 +17,11 @@ from pathlib import Path
 from types import MappingProxyType, TracebackType
 
 from maas.backends.local.artifacts import FileArtifactStore
+from maas.backends.local.idempotency import SqliteIdempotencyStore
 from maas.backends.local.registry import SqliteRegistry
 from maas.domain import Scope, Token
 from maas.errors import Conflict
-from maas.ports import ArtifactStore, DeployExecutor, EndpointTarget, Registry, Validator
+from maas.ports import ArtifactStore, DeployExecutor, EndpointTarget, IdempotencyStore, Registry, Validator
 from maas.services.tokens import TokenService, hash_token
 from maas.settings import Settings
 
@@ -50,6 +51,8 @@ class LocalBackend:
         # Typed as the ports: ``maas.ports.Backend`` declares them as (invariant) attributes.
         self.registry: Registry = self._sqlite
         self.artifacts: ArtifactStore = FileArtifactStore(self.home / "artifacts", settings.limits)
+        # Same database as the registry: a key's claim is as durable as the writes it guards.
+        self.idempotency: IdempotencyStore = SqliteIdempotencyStore(self._sqlite)
         if validator is None:
             from maas.inference.validation import SubprocessValidator  # heavy; only when needed
 
