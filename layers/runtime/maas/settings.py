@@ -40,6 +40,12 @@ class Limits(BaseModel):
     max_tensor_elements: int = Field(default=4 * 1024 * 1024, gt=0)
     validation_timeout_s: float = Field(default=120.0, gt=0)
     validation_memory_bytes: int = Field(default=4 * 1024 * 1024 * 1024, gt=0)
+    #: RLIMIT_NOFILE of the validation child: imports, the model file and onnxruntime's own files
+    #: need about a dozen descriptors; a model has no business opening more.
+    validation_max_open_files: int = Field(default=64, ge=16)
+    #: Threads and processes the validation child may start (RLIMIT_NPROC, counted above what its
+    #: user already runs): onnxruntime starts one, a model that somehow forks gets no further.
+    validation_max_new_tasks: int = Field(default=16, ge=4)
     session_cache_bytes: int = Field(default=1024 * 1024 * 1024, gt=0)
     upload_ttl_s: int = Field(default=24 * 3600, gt=0)
     page_size_max: int = Field(default=1000, gt=0)

@@ -22,14 +22,42 @@ def apply_rlimits(rlimits: dict[str, int]) -> None:
     """Set each ``resource.RLIMIT_*`` soft and hard limit, never above the hard limit this process
     inherited (raising it would fail unprivileged). Hard limits only go down, so nothing later in
     this process can lift them. The CPU hard limit is one second above the soft one: SIGXCPU comes
-    first, SIGKILL follows if it is ignored."""
+    first, SIGKILL follows if it is ignored.
+
+    RLIMIT_NPROC is the exception that is checked first: the parent sets it from the user's task
+    count in its own ``/proc``, which undercounts when the same uid also runs processes in other PID
+    namespaces (containers sharing a uid without user namespaces). A limit below the real count would
+    stop onnxruntime from starting its thread and so reject every model; so the limit is tried as a
+    soft limit with one probe thread first, and skipped (with a note on stderr) if the probe fails."""
     for name, value in rlimits.items():
         which = getattr(resource, name)
+        if name == "RLIMIT_NPROC" and not _threads_start_under(which, value):
+            sys.stderr.write(f"validate_worker: RLIMIT_NPROC={value} would leave no room for a thread; not set\n")
+            continue
         _, inherited_hard = resource.getrlimit(which)
         wanted_hard = value + 1 if name == "RLIMIT_CPU" else value
         if inherited_hard != resource.RLIM_INFINITY:
             wanted_hard = min(wanted_hard, inherited_hard)
         resource.setrlimit(which, (min(value, wanted_hard), wanted_hard))
+
+
+def _threads_start_under(which: int, value: int) -> bool:
+    """Whether a thread can still start with the soft limit ``which`` at ``value`` (the soft limit
+    is restored when it cannot; the hard limit is not touched here)."""
+    import threading
+
+    soft, hard = resource.getrlimit(which)
+    if hard != resource.RLIM_INFINITY and value > hard:
+        value = hard
+    resource.setrlimit(which, (value, hard))
+    try:
+        probe = threading.Thread(target=lambda: None)
+        probe.start()
+        probe.join()
+    except RuntimeError:  # "can't start new thread"
+        resource.setrlimit(which, (soft, hard))
+        return False
+    return True
 
 
 def _run(argv: list[str]) -> dict[str, Any]:

@@ -10,15 +10,17 @@ could execute code or touch the filesystem sees the bytes until the earlier chec
 4. refusal of any tensor stored as external data, anywhere in the model, *before* the checker or
    onnxruntime could resolve its location (CVE-2022-25882, CVE-2024-27318: ``../`` and absolute
    locations read arbitrary files);
-5. node count (subgraphs included) and operator domains (custom domains need custom-op libraries,
-   i.e. native code we do not load);
+5. node count (subgraphs included; the walk that counts is itself capped, see ``MESSAGES_PER_NODE``)
+   and operator domains (custom domains need custom-op libraries, i.e. native code we do not load);
 6. ``onnx.checker`` with full shape inference, then signature extraction;
 7. one smoke inference on zeros with onnxruntime, single-threaded on CPU, so a model that cannot run
    is rejected at registration instead of on its first request.
 
-``inspect_model_file`` runs all of this in-process. It bounds *what* is parsed but not the CPU or
-memory a crafted graph can make onnxruntime use, nor a native crash; ``SubprocessValidator`` is what
-services use: it runs the same checks in a child process under rlimits and a wall-clock timeout.
+``inspect_model_file`` runs all of this in-process (``check_static`` runs 1-6 only: no onnxruntime).
+It bounds *what* is parsed but not the CPU or memory a crafted graph can make onnxruntime use, nor a
+native crash; ``SubprocessValidator`` is what services use: it runs the same checks in a child process
+under rlimits (address space, CPU time, file size, open files, new tasks, no core dumps) and a
+wall-clock timeout.
 
 Every rejection is ``ModelRejected`` with a one-line reason that never contains filesystem paths or
 tracebacks: the reason is shown to the uploader and stored on the FAILED version.
@@ -64,6 +66,10 @@ MIN_VALIDATION_MEMORY_BYTES = 1024 * 1024 * 1024
 
 #: RLIMIT_FSIZE of the child: it never writes files (results go to a pipe), so any write is refused.
 _CHILD_FSIZE_BYTES = 0
+
+#: Messages (nodes, attributes, tensors, value infos...) the structural walk visits per allowed node.
+#: Real models have a handful per node; the cap bounds the walk's time and memory on crafted ones.
+MESSAGES_PER_NODE = 16
 
 _MAX_REASON_CHARS = 300
 _SNIFF_BYTES = 512
@@ -144,7 +150,7 @@ def _sniff_non_onnx(head: bytes, data: bytes) -> str | None:
     return None
 
 
-def _read_bounded(path: Path, limits: Limits) -> bytes:
+def read_bounded(path: Path, limits: Limits) -> bytes:
     """The file's bytes, refusing by size before reading and again while reading (the file may grow)."""
     size = path.stat().st_size
     limit = limits.max_model_bytes
@@ -236,12 +242,43 @@ def _is_repeated(field: FieldDescriptor) -> bool:
     return bool(field.label == FieldDescriptor.LABEL_REPEATED)
 
 
+def _message_budget(limits: Limits) -> int:
+    return limits.max_nodes * MESSAGES_PER_NODE
+
+
+def _check_counts(model: onnx.ModelProto, limits: Limits) -> None:
+    """Refuse by counts that cost nothing, before the walk: the parsed protobuf knows the length of
+    each repeated field without creating a Python object per item, and a crafted graph of millions of
+    empty entries (2 bytes each on disk) would otherwise take the walk minutes and gigabytes."""
+    graph = model.graph
+    if len(graph.node) > limits.max_nodes:
+        raise ModelRejected(
+            f"model has at least {len(graph.node)} nodes, over the limit of {limits.max_nodes}"
+        )
+    entries = sum(len(value) for field, value in graph.ListFields()
+                  if field.type == FieldDescriptor.TYPE_MESSAGE and _is_repeated(field))
+    if entries > _message_budget(limits):
+        raise ModelRejected(
+            f"model graph has {entries} entries (nodes, tensors, value infos), over the limit of"
+            f" {_message_budget(limits)}"
+        )
+
+
 def _check_structure(model: onnx.ModelProto, limits: Limits) -> None:
-    """Refuse external data, too many nodes, and unknown operator domains, in that order."""
+    """Refuse external data, too many nodes, and unknown operator domains, in that order (after the
+    cheap counts of ``_check_counts``; the walk itself stops at ``MESSAGES_PER_NODE`` messages per
+    allowed node, which bounds its time whatever the model nests)."""
+    _check_counts(model, limits)
     local_functions = {(f.domain, f.name) for f in model.functions}
     nodes = 0
     bad_domain: tuple[str, str] | None = None
-    for message, where in _walk(model):
+    budget = _message_budget(limits)
+    for visited, (message, where) in enumerate(_walk(model)):
+        if visited > budget:
+            raise ModelRejected(
+                f"model has more than {budget} protobuf messages (nodes, attributes, tensors), over the"
+                f" limit for {limits.max_nodes} nodes"
+            )
         if isinstance(message, TensorProto):
             if message.data_location == TensorProto.EXTERNAL or len(message.external_data) > 0:
                 raise ModelRejected(
@@ -279,7 +316,7 @@ def _check_onnx(model: onnx.ModelProto) -> None:
     except MemoryError:
         raise
     except Exception as exc:  # ValidationError, InferenceError, and whatever else a crafted model triggers
-        raise ModelRejected(f"ONNX checker: {clean_reason(str(exc))}") from None
+        raise ModelRejected(clean_reason(f"ONNX checker: {exc}")) from None  # capped as a whole
 
 
 # --------------------------------------------------------------------------------------------------
@@ -302,13 +339,14 @@ _NUMPY_DTYPES: dict[str, Any] = {
 }
 
 
-def smoke_inputs(signature: Signature, limits: Limits) -> dict[str, np.ndarray[Any, Any]]:
-    """Zero-filled inputs matching ``signature``, dynamic dims set to 1.
+def smoke_shapes(signature: Signature, limits: Limits) -> dict[str, tuple[int, ...]]:
+    """The shape of each smoke input (dynamic dims set to 1), without allocating anything.
 
     Refuses inputs whose fixed dims need more elements than a request may carry: such a model could
-    never be called, and building its smoke input would itself be a memory attack.
+    never be called, and building its smoke input would itself be a memory attack. Part of the static
+    checks, so a huge declared dim is refused before onnxruntime (or numpy) sees it.
     """
-    feeds: dict[str, np.ndarray[Any, Any]] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
     for spec in signature.inputs:
         shape = tuple(1 if d < 0 else d for d in spec.shape)
         elements = math.prod(shape)
@@ -317,8 +355,14 @@ def smoke_inputs(signature: Signature, limits: Limits) -> dict[str, np.ndarray[A
                 f"input {quote_name(spec.name)} has fixed shape {list(spec.shape)} ({elements} elements),"
                 f" over the limit of {limits.max_tensor_elements} elements per tensor"
             )
-        feeds[spec.name] = _zeros(spec, shape)
-    return feeds
+        shapes[spec.name] = shape
+    return shapes
+
+
+def smoke_inputs(signature: Signature, limits: Limits) -> dict[str, np.ndarray[Any, Any]]:
+    """Zero-filled inputs matching ``signature``, dynamic dims set to 1 (see ``smoke_shapes``)."""
+    shapes = smoke_shapes(signature, limits)
+    return {spec.name: _zeros(spec, shapes[spec.name]) for spec in signature.inputs}
 
 
 def _zeros(spec: TensorSpec, shape: tuple[int, ...]) -> np.ndarray[Any, Any]:
@@ -344,19 +388,22 @@ def _smoke_inference(data: bytes, signature: Signature, limits: Limits) -> None:
     except Exception as exc:
         if _is_out_of_memory(exc):
             raise ModelRejected("smoke inference ran out of memory") from None
-        raise ModelRejected(f"smoke inference failed: {clean_reason(str(exc))}") from None
+        raise ModelRejected(clean_reason(f"smoke inference failed: {exc}")) from None
 
 
 # --------------------------------------------------------------------------------------------------
 # the pipeline
 
 
-def inspect_model_bytes(data: bytes, limits: Limits) -> Signature:
-    """All content checks on an artifact's bytes; see the module docstring for the order and why.
+def check_static(data: bytes, limits: Limits) -> Signature:
+    """Checks 1-6 and the smoke-input size cap: everything but running the model.
 
-    Returns the signature, or raises ModelRejected. Exceptions that are not ModelRejected are turned
-    into one (a crafted model can make any library raise anything) except MemoryError, which callers
-    in a memory-limited child report as such.
+    Pure Python and protobuf over bytes already in memory: no onnxruntime, no I/O, no allocation
+    beyond the parsed model. It is the first half of ``inspect_model_bytes`` (so of what the child
+    process runs), exposed on its own because it is cheap (well under a millisecond for small models):
+    tests push tens of thousands of hostile inputs through it in-process.
+
+    Returns the signature, or raises ModelRejected (MemoryError passes through, see below).
     """
     if len(data) > limits.max_model_bytes:
         raise ModelRejected(f"model is {len(data)} bytes, over the limit of {limits.max_model_bytes} bytes")
@@ -369,12 +416,23 @@ def inspect_model_bytes(data: bytes, limits: Limits) -> Signature:
     except (ModelRejected, MemoryError):
         raise
     except Exception as exc:
-        raise ModelRejected(f"model could not be inspected: {clean_reason(repr(exc))}") from None
+        raise ModelRejected(clean_reason(f"model could not be inspected: {exc!r}")) from None
     if not signature.inputs:
         raise ModelRejected("model has no inputs; maas serves models that take at least one input")
     if not signature.outputs:
         raise ModelRejected("model has no outputs")
-    del model  # onnxruntime parses its own copy; do not hold two while it runs
+    smoke_shapes(signature, limits)
+    return signature
+
+
+def inspect_model_bytes(data: bytes, limits: Limits) -> Signature:
+    """All content checks on an artifact's bytes; see the module docstring for the order and why.
+
+    Returns the signature, or raises ModelRejected. Exceptions that are not ModelRejected are turned
+    into one (a crafted model can make any library raise anything) except MemoryError, which callers
+    in a memory-limited child report as such.
+    """
+    signature = check_static(data, limits)  # the parsed model is not kept: onnxruntime parses its own copy
     _smoke_inference(data, signature, limits)
     return signature
 
@@ -387,7 +445,7 @@ def inspect_model_file(path: Path, limits: Limits) -> Signature:
     propagated: that is a storage problem, not a verdict on the model. Use ``SubprocessValidator`` for
     untrusted uploads; this function does not bound CPU time or memory.
     """
-    return inspect_model_bytes(_read_bounded(path, limits), limits)
+    return inspect_model_bytes(read_bounded(path, limits), limits)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -399,22 +457,60 @@ def child_rlimits(limits: Limits) -> dict[str, int]:
 
     RLIMIT_CPU backs up the wall-clock timeout (a child that somehow outlives the parent's kill still
     stops); RLIMIT_AS turns a memory bomb into MemoryError/bad_alloc instead of the OOM killer picking a
-    victim (possibly the server); no core dumps (they would contain the model) and no file writes.
+    victim (possibly the server); no core dumps (they would contain the model) and no file writes;
+    a few file descriptors (``Limits.validation_max_open_files``); and no more than
+    ``Limits.validation_max_new_tasks`` new threads or processes (RLIMIT_NPROC counts every task of
+    the user, so the limit is what the user runs now plus that allowance; left out where ``/proc``
+    cannot be read, e.g. macOS. Root ignores it, as it ignores RLIMIT_NPROC generally).
     """
-    return {
+    rlimits = {
         "RLIMIT_AS": max(limits.validation_memory_bytes, MIN_VALIDATION_MEMORY_BYTES),
         "RLIMIT_CPU": math.ceil(limits.validation_timeout_s) + 1,
         "RLIMIT_CORE": 0,
         "RLIMIT_FSIZE": _CHILD_FSIZE_BYTES,
+        "RLIMIT_NOFILE": limits.validation_max_open_files,
     }
+    running = _user_task_count()
+    if running is not None:
+        rlimits["RLIMIT_NPROC"] = running + limits.validation_max_new_tasks
+    return rlimits
 
 
-def _child_env() -> dict[str, str]:
+def _user_task_count() -> int | None:
+    """Threads of all processes whose real uid is ours, from ``/proc`` (what RLIMIT_NPROC counts
+    against); None where ``/proc`` is not there. About 3 ms per 100 processes."""
+    uid = os.getuid()
+    try:
+        entries = [entry.name for entry in os.scandir("/proc") if entry.name.isdigit()]
+    except OSError:
+        return None
+    total = 0
+    for pid in entries:
+        try:
+            with open(f"/proc/{pid}/status", "rb") as status:
+                text = status.read()
+        except OSError:
+            continue  # exited meanwhile, or not ours to read
+        real_uid, threads = -1, 0
+        for line in text.splitlines():
+            if line.startswith(b"Uid:"):
+                real_uid = int(line.split()[1])
+            elif line.startswith(b"Threads:"):
+                threads = int(line.split()[1])
+        if real_uid == uid:
+            total += threads
+    return total or None
+
+
+def _child_env(workdir: str) -> dict[str, str]:
     """A minimal environment: no credentials or config of the server leak into the child. PATH and
     PYTHONPATH (Lambda layers live on it) and LD_LIBRARY_PATH (Lambda's runtime needs it) are kept;
-    math libraries are pinned to one thread, matching onnxruntime's settings."""
+    math libraries are pinned to one thread, matching onnxruntime's settings. HOME is the child's
+    empty working directory: onnxruntime keeps a usage database under ``~/.cache`` and would
+    otherwise open (and try to write) files in the server user's home while it holds hostile input."""
     env = {key: os.environ[key] for key in ("PATH", "PYTHONPATH", "LD_LIBRARY_PATH") if key in os.environ}
     env.update(
+        HOME=workdir,
         OMP_NUM_THREADS="1",
         OPENBLAS_NUM_THREADS="1",
         MKL_NUM_THREADS="1",
@@ -468,7 +564,7 @@ class SubprocessValidator:
                     stdin=subprocess.DEVNULL,
                     capture_output=True,
                     timeout=timeout,
-                    env=_child_env(),
+                    env=_child_env(workdir),
                     cwd=workdir,
                     check=False,
                 )
