@@ -186,25 +186,29 @@ class EmfMetrics:
         # is fixed for its life, and reading it per flush cost 3 µs of every request.
         self._disabled = is_metrics_disabled()
         self._lock = threading.Lock()
-        self._points: dict[Key, list[tuple[str, str, float]]] = {}
+        self._points: dict[Key, dict[str, list[float]]] = {}
         self._model_seconds: dict[Key, float] = {}
+        # The parts of a document that repeat from one invocation to the next, built once each.
+        self._definitions: dict[tuple[str, ...], list[dict[str, str]]] = {}
+        self._dimensions: dict[Key, dict[str, str]] = {}
 
     # -- maas.ports.Metrics (called by the engine)
 
     def invocation(self, model: str, version: int, *, latency_s: float, error: bool) -> None:
         key: Key = (model, str(version))
-        self._add(key, "Invocations", "Count", 1)
-        self._add(key, "Errors", "Count", 1 if error else 0)
-        if not error:
-            self._add(key, "ModelLatency", "Milliseconds", latency_s * 1000.0)
         with self._lock:
+            series = self._series(key)
+            series.setdefault("Invocations", []).append(1.0)
+            series.setdefault("Errors", []).append(1.0 if error else 0.0)
+            if not error:
+                series.setdefault("ModelLatency", []).append(latency_s * 1000.0)
             self._model_seconds[key] = self._model_seconds.get(key, 0.0) + latency_s
 
     def cache(self, model: str, version: int, *, hit: bool) -> None:
-        self._add((model, str(version)), "CacheHit", "Count", 1 if hit else 0)
+        self._add((model, str(version)), "CacheHit", 1.0 if hit else 0.0)
 
     def model_load(self, model: str, version: int, *, seconds: float) -> None:
-        self._add((model, str(version)), "ModelLoadTime", "Milliseconds", seconds * 1000.0)
+        self._add((model, str(version)), "ModelLoadTime", seconds * 1000.0)
 
     # -- request level (called by the handler)
 
@@ -215,9 +219,9 @@ class EmfMetrics:
             with self._lock:
                 model_s = self._model_seconds.get(key)
             if model_s is not None:
-                self._add(key, "OverheadLatency", "Milliseconds", max(total_s - model_s, 0.0) * 1000.0)
+                self._add(key, "OverheadLatency", max(total_s - model_s, 0.0) * 1000.0)
         if cold_start:
-            self._add(key, "ColdStart", "Count", 1)
+            self._add(key, "ColdStart", 1.0)
 
     def error(self, model: str | None, version: int | None = None) -> None:
         """A server-side failure the engine did not see (the registry or storage unavailable before a
@@ -226,15 +230,15 @@ class EmfMetrics:
             key: Key = None
         else:
             key = (model, str(version) if version is not None else None)
-        self._add(key, "Errors", "Count", 1)
+        self._add(key, "Errors", 1.0)
 
     def flush(self) -> list[dict[str, Any]]:
         """Emit and forget this invocation's points; returns the documents (for tests).
 
         The documents are exactly what Powertools' EMF provider serializes (values as lists, metric
         definitions in first-seen order, ``[[]]`` dimensions when no model applies), but built here
-        as plain dicts and dumped with orjson: constructing a provider per flush cost ~80 µs, more
-        than a small model's whole inference."""
+        as plain dicts, their constant parts cached, and dumped with orjson: constructing a provider
+        per flush cost ~80 µs, more than a small model's whole inference."""
         with self._lock:
             points, self._points = self._points, {}
             self._model_seconds = {}
@@ -242,38 +246,46 @@ class EmfMetrics:
             return []
         timestamp = int(time.time() * 1000)
         documents = []
-        for key, values in points.items():
-            document = emf_document(self._namespace, key, values, timestamp)
+        for key, series in points.items():
+            names = tuple(series)
+            definitions = self._definitions.get(names)
+            if definitions is None:
+                definitions = self._definitions.setdefault(names, [{"Name": name, "Unit": UNITS[name]}
+                                                                   for name in names])
+            dimensions = self._dimensions.get(key)
+            if dimensions is None:
+                dimensions = self._dimensions.setdefault(key, _dimensions_of(key))
+            document = {"_aws": {"Timestamp": timestamp, "CloudWatchMetrics": [
+                {"Namespace": self._namespace, "Dimensions": [list(dimensions)], "Metrics": definitions}]},
+                **dimensions, **series}
             documents.append(document)
             self._emit(orjson.dumps(document).decode())
         return documents
 
-    def _add(self, key: Key, name: str, unit: str, value: float) -> None:
+    def _series(self, key: Key) -> dict[str, list[float]]:
+        series = self._points.get(key)
+        if series is None:
+            series = self._points[key] = {}
+        return series
+
+    def _add(self, key: Key, name: str, value: float) -> None:
         with self._lock:
-            self._points.setdefault(key, []).append((name, unit, value))
+            self._series(key).setdefault(name, []).append(value)
 
 
-def emf_document(namespace: str, key: Key, values: list[tuple[str, str, float]],
-                 timestamp_ms: int) -> dict[str, Any]:
-    """One EMF document: the ``model``/``version`` dimensions of ``key``, every value of each metric."""
+#: The unit of each metric (DESIGN.md section 8).
+UNITS = {"Invocations": "Count", "Errors": "Count", "ModelLatency": "Milliseconds",
+         "OverheadLatency": "Milliseconds", "ColdStart": "Count", "CacheHit": "Count",
+         "ModelLoadTime": "Milliseconds"}
+
+
+def _dimensions_of(key: Key) -> dict[str, str]:
     dimensions: dict[str, str] = {}
     if key is not None:
         dimensions["model"] = key[0]
         if key[1] is not None:
             dimensions["version"] = key[1]
-    definitions: list[dict[str, str]] = []
-    series: dict[str, list[float]] = {}
-    for name, unit, value in values:
-        if name not in series:
-            series[name] = []
-            definitions.append({"Name": name, "Unit": unit})
-        series[name].append(float(value))
-    return {
-        "_aws": {"Timestamp": timestamp_ms, "CloudWatchMetrics": [
-            {"Namespace": namespace, "Dimensions": [list(dimensions)], "Metrics": definitions}]},
-        **dimensions,
-        **series,
-    }
+    return dimensions
 
 
 def _print(line: str) -> None:
