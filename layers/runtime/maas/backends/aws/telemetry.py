@@ -85,10 +85,10 @@ def get_logger(service: str) -> Logger:
 def correlation_id(event: Mapping[str, Any] | None) -> str | None:
     """API Gateway's request id (REST v1 and HTTP API v2 both put it in ``requestContext.requestId``):
     the id a client can quote, also returned to it in ``X-Request-Id``."""
-    if not isinstance(event, Mapping):
+    if type(event) is not dict and not isinstance(event, Mapping):
         return None
     context = event.get("requestContext")
-    if not isinstance(context, Mapping):
+    if type(context) is not dict and not isinstance(context, Mapping):
         return None
     value = context.get("requestId")
     return value if isinstance(value, str) and value else None
