@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeGuard
 
 import botocore.session  # noqa: F401  # the SDK loads during init (billed at full CPU), never on a request
 import onnxruntime  # noqa: F401  # the engine imports it lazily; this function runs models, so at init
@@ -178,7 +178,7 @@ def _is_route_path(path: str) -> bool:
     return path == "/v2" or path.startswith("/v2/")
 
 
-def _is_mapping(value: Any) -> bool:
+def _is_mapping(value: Any) -> TypeGuard[Mapping[str, Any]]:
     """``isinstance(value, Mapping)``, with the common case first: events are plain dicts, and an ABC
     check costs about a microsecond, several times per request."""
     return type(value) is dict or isinstance(value, Mapping)
