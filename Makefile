@@ -10,7 +10,7 @@ SAM_CLI ?= aws-sam-cli==1.170.0
 export JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION = 1
 export CDK_DISABLE_VERSION_CHECK = 1
 
-.PHONY: install install-dev demo serve test lint typecheck unit example-model synth sam clean
+.PHONY: install install-dev demo serve test lint audit typecheck unit example-model synth sam clean
 
 $(BIN)/python:
 	$(PYTHON) -c 'import sys; sys.exit("maas needs Python >= 3.11") if sys.version_info < (3, 11) else None'
@@ -54,7 +54,16 @@ lint: install-dev
 	$(BIN)/mypy --strict scripts/build_layers.py
 	$(BIN)/mypy infra app.py
 
-test: lint  ## install, lint, type-check and run every test
+# Known vulnerabilities in the installed dependencies (PyPI's advisory data), maas itself (editable)
+# skipped. Any finding fails unless .ci/pip-audit-ignore.txt lists its id with a reason. A package the
+# service cannot look up is a warning; AUDIT_STRICT=1 makes it an error too (CI with full PyPI access).
+AUDIT_IGNORE ?= .ci/pip-audit-ignore.txt
+audit: $(VENV)/.installed-dev
+	@awk '!/^[[:space:]]*(#|$$)/ && !/#[[:space:]]*[^[:space:]]/ {print FILENAME ":" FNR ": no reason given: " $$0; bad = 1} END {exit bad}' $(AUDIT_IGNORE)
+	$(BIN)/pip-audit --skip-editable --progress-spinner off --desc off $(if $(AUDIT_STRICT),--strict) \
+		$$(awk '!/^[[:space:]]*(#|$$)/ {print "--ignore-vuln", $$1}' $(AUDIT_IGNORE))
+
+test: lint audit  ## install, lint, audit the dependencies, type-check and run every test
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 unit: install-dev

@@ -56,8 +56,8 @@ from maas.services.models import ModelService
 from maas.services.tokens import TokenService
 from maas.settings import ENV_STATE_MACHINE, Settings
 from tests.conftest import HOST, TEST_BUCKET, TEST_TABLE, break_artifact, push
-from tests.functional.test_aws_faults import FaultyClient
 from tests.models import InProcessValidator, scale_model
+from tests.security.test_faults import FaultyClient
 
 ONES = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 1, 1, 1]}]}
 STATE_MACHINE = "arn:aws:states:us-east-1:123456789012:stateMachine:maas-test-deploy"
