@@ -507,11 +507,6 @@ def test_sigkill_in_the_middle_of_pushes_loses_no_acknowledged_write(tmp_path: P
     assert len(acked) >= 6
 
 
-@pytest.mark.xfail(strict=True, raises=MaasError,
-                   reason="bug: SqliteRegistry._write/_read run ROLLBACK after a failed statement, and when "
-                          "the ROLLBACK itself fails the thread's connection stays inside the transaction: "
-                          "every later write on that thread answers 503 'registry is busy' and its reads see "
-                          "a stale snapshot, until the process restarts")
 def test_a_failed_rollback_does_not_poison_the_connection(tmp_path: Path) -> None:
     from maas.domain import Model
 
@@ -520,7 +515,7 @@ def test_a_failed_rollback_does_not_poison_the_connection(tmp_path: Path) -> Non
         backend = local_backend(tmp_path / "home")
     with backend:
         backend.registry.create_model(Model(name="m"))
-        with pytest.raises(sqlite3.OperationalError):  # a Conflict whose ROLLBACK fails (an I/O error)
+        with pytest.raises(Conflict):  # a Conflict whose ROLLBACK fails (an I/O error): still a Conflict
             backend.registry.create_model(Model(name="m"))
         backend.registry.create_model(Model(name="n"))  # the next write on the same thread
         assert [m.name for m in backend.registry.list_models(10, None).items] == ["m", "n"]
@@ -703,9 +698,6 @@ def test_aws_failure_at_every_call_keeps_the_invariants(moto: None, settings: Se
     assert total > 15
 
 
-@pytest.mark.xfail(strict=True, reason="bug: ModelService.delete_model checks get_model first, which hides a "
-                   "model marked 'deleting' by an interrupted DynamoDB delete: the retry answers 404, the "
-                   "rest of the model stays, and the name can never be created again")
 def test_an_interrupted_model_delete_can_be_retried(moto: None, settings: Settings) -> None:
     """What a client does after ``DELETE /models/m`` failed with a 503: it retries the same call."""
     backend = aws_backend_with(settings)
@@ -717,7 +709,7 @@ def test_an_interrupted_model_delete_can_be_retried(moto: None, settings: Settin
     with pytest.raises(MaasError):
         World(faulty, faulty.registry, faulty.artifacts).models.delete_model("m", force=True)
     assert check_invariants(backend.registry, backend.artifacts) == []
-    world.models.delete_model("m", force=True)  # the retry: raises NotFound today
+    world.models.delete_model("m", force=True)  # the retry resumes the delete
     world.models.create_model("m")  # and the name is free again
     assert world.registry.list_versions("m", 10, None).items == []
 

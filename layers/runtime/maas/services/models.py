@@ -76,7 +76,13 @@ class ModelService:
         unless forced, so a typo cannot take a production model offline. Artifacts are freed by
         cleanup (content-addressed blobs may be shared with other versions)."""
         check_model_name(name)
-        self._registry.get_model(name)
+        try:
+            self._registry.get_model(name)
+        except NotFound:
+            # A delete interrupted midway leaves a model that reads as gone but still holds items (and
+            # its name): deleting again resumes and finishes it, and NotFound only when nothing is left.
+            self._registry.delete_model(name)
+            return
         if not force and self._registry.get_route(name) is not None:
             raise Conflict(f"model {name!r} is deployed and serving traffic; force the delete to proceed",
                            field="force")

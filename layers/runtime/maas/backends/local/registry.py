@@ -220,8 +220,7 @@ class SqliteRegistry:
             yield conn
             conn.execute("COMMIT")
         except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
+            self._abort(conn)
             raise
 
     @contextmanager
@@ -231,8 +230,22 @@ class SqliteRegistry:
         try:
             yield conn
         finally:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
+            self._abort(conn)
+
+    def _abort(self, conn: sqlite3.Connection) -> None:
+        """End an open transaction. When even ROLLBACK fails (an I/O error), the connection is dropped:
+        closing it rolls back, and this thread's next call opens a fresh one instead of reusing one
+        stuck inside the transaction (every later write would answer "busy", every read a stale
+        snapshot). The caller's own error, not the rollback's, is what propagates."""
+        if not conn.in_transaction:
+            return
+        try:
+            conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            if getattr(self._local, "handle", None) is not None and self._local.handle.conn is conn:
+                del self._local.handle
+            with suppress(sqlite3.Error):
+                conn.close()
 
     def _init_schema(self) -> None:
         conn = self._conn()
