@@ -4,7 +4,7 @@ Exploit class: a client (or a proxy, or the SDK itself) re-sends a mutation whos
 without keys each copy runs, and "an idempotent retry never creates a second version" (DESIGN.md
 section 3) breaks. Every test runs the real app over both backends (local files + SQLite, and AWS
 under moto); faults are injected at the ports (a validator outage, a DynamoDB error), as
-tests/functional/test_aws_faults.py does."""
+tests/security/test_faults.py does."""
 
 from __future__ import annotations
 
