@@ -249,5 +249,7 @@ class UploadTarget(Frozen):
 
 
 class Page(BaseModel, Generic[T]):
+    model_config = ConfigDict(defer_build=True)
+
     items: list[T]
     next_cursor: str | None = None

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from maas.backends.aws.artifacts import S3ArtifactStore
-from maas.backends.aws.clients import make_client
+from maas.backends.aws.clients import LazyClient, make_client
 from maas.backends.aws.idempotency import DynamoIdempotencyStore
 from maas.backends.aws.registry import DynamoRegistry
 from maas.domain import Signature
@@ -50,7 +50,7 @@ class AwsBackend:
         self._deploy_executor = deploy_executor
         self.bucket = bucket
         self.table = table
-        self.s3 = s3 if s3 is not None else make_client("s3", endpoint_url=endpoint_url)
+        self.s3 = s3 if s3 is not None else LazyClient("s3", endpoint_url=endpoint_url)
         self.dynamodb = dynamodb if dynamodb is not None else make_client("dynamodb", endpoint_url=endpoint_url)
         self.registry: Registry = DynamoRegistry(self.dynamodb, table,
                                                  page_size_max=settings.limits.page_size_max)
@@ -95,7 +95,7 @@ class AwsBackend:
                    endpoint_url=os.environ.get(ENV_ENDPOINT) or None, **kwargs)
 
     def close(self) -> None:
-        """Nothing to release: boto3 clients hold only pooled connections."""
+        """Nothing to release: botocore clients hold only pooled connections."""
 
 
 __all__ = ["ENV_BUCKET", "ENV_ENDPOINT", "ENV_STATE_MACHINE", "ENV_TABLE", "AwsBackend"]

@@ -10,6 +10,7 @@ and full jitter; ``max_attempts`` bounds it so a request fails (429/503) well in
 
 from __future__ import annotations
 
+import threading
 from functools import cache
 from typing import Any
 
@@ -42,3 +43,24 @@ def make_client(service: str, *, endpoint_url: str | None = None, **config: Any)
     if service == "s3":
         cfg = cfg.merge(Config(signature_version="s3v4"))  # presigned URLs must be SigV4
     return session().create_client(service, endpoint_url=endpoint_url, config=cfg)
+
+
+class LazyClient:
+    """A client made on first use. Making one loads the service's JSON model (S3's is the largest,
+    ~50-70 ms of a cold start): the inference function answers a model already in its ``/tmp`` cache
+    with DynamoDB alone, so its S3 client waits until an artifact must be fetched."""
+
+    def __init__(self, service: str, **kwargs: Any):
+        self._service = service
+        self._kwargs = kwargs
+        self._client: Any = None
+        self._lock = threading.Lock()
+
+    def __getattr__(self, name: str) -> Any:
+        client = self._client
+        if client is None:
+            with self._lock:
+                if self._client is None:
+                    self._client = make_client(self._service, **self._kwargs)
+                client = self._client
+        return getattr(client, name)
