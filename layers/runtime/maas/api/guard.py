@@ -6,6 +6,7 @@ local server also answers only to the Host names it is bound to."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -21,11 +22,30 @@ class BodyTooLarge(PayloadTooLarge):
     """Raised while streaming a body without Content-Length; the app's MaasError handler answers 413."""
 
 
-def _host_name(host: str) -> str:
-    host = host.strip().lower()
-    if host.startswith("["):
-        return host[: host.find("]") + 1] if "]" in host else host
-    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+#: ``name[:port]`` or ``[ipv6][:port]``, and nothing else: the name is what ``allowed_hosts`` is matched
+#: against, so trailing junk (``127.0.0.1:80@evil.example``, ``[::1]evil.example``) must not parse.
+_HOST = re.compile(r"(?P<name>\[[0-9a-f:.]+\]|[a-z0-9.-]+)(?::(?P<port>[0-9]{0,5}))?")  # RFC 3986: port may be empty
+
+
+def _host_name(host: str) -> str | None:
+    """The name of a Host header value, lower-cased, or None if the value is not a plain host[:port]."""
+    match = _HOST.fullmatch(host.strip().lower())
+    if match is None or (match["port"] and int(match["port"]) > 65535):
+        return None
+    return match["name"]
+
+
+#: Headers the guard decides on. A second copy would let the guard (last value wins in ``dict``) and
+#: the app (Starlette reads the first) see different requests: refused outright.
+_SINGLE_HEADERS = (b"host", b"origin", b"content-type", b"content-length", b"transfer-encoding")
+
+
+def _duplicated(raw: list[tuple[bytes, bytes]], headers: dict[bytes, bytes]) -> bytes | None:
+    """The first guarded header that appears more than once, if any (cheap when none repeats)."""
+    if len(headers) == len(raw):
+        return None
+    names = [name for name, _ in raw]
+    return next((name for name in _SINGLE_HEADERS if names.count(name) > 1), None)
 
 
 class RequestGuard:
@@ -43,6 +63,11 @@ class RequestGuard:
         headers = dict(scope["headers"])
         method: str = scope["method"]
         path: str = scope["path"]
+        repeated = _duplicated(scope["headers"], headers)
+        if repeated is not None:
+            name = repeated.decode("latin-1").title()
+            await _problem(send, 400, "Bad request", f"the {name} header must appear once")
+            return
         if self.allowed_hosts is not None:
             host = headers.get(b"host", b"").decode("latin-1")
             if _host_name(host) not in self.allowed_hosts:
@@ -62,11 +87,10 @@ class RequestGuard:
                 return
         declared = headers.get(b"content-length")
         if declared is not None:
-            try:
-                length = int(declared)
-            except ValueError:
+            if not declared.isdigit():  # int() would take "-1", "+1", " 1" and "1_0"
                 await _problem(send, 400, "Bad request", "Content-Length is not a number")
                 return
+            length = int(declared)
             if length > cap:
                 await _problem(send, 413, "Payload too large", f"the body exceeds the {cap}-byte limit")
                 return

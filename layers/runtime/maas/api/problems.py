@@ -66,6 +66,11 @@ def _field_of(loc: tuple[Any, ...]) -> str:
     return out or "body"
 
 
+def _message(msg: object) -> str:
+    """pydantic's message without the "Value error, " its custom validators' messages carry."""
+    return str(msg).removeprefix("Value error, ")
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(MaasError)
     async def _maas(_: Request, error: MaasError) -> JSONResponse:
@@ -76,11 +81,11 @@ def install(app: FastAPI) -> None:
         errors = error.errors()
         first = errors[0] if errors else {"loc": ("body",), "msg": "invalid request"}
         field = _field_of(tuple(first.get("loc", ())))
-        message = str(first.get("msg", "invalid value"))
+        message = _message(first.get("msg", "invalid value"))
         return problem_response(
             422, "Invalid input", f"{field}: {message}", slug="invalid-input",
             extra={"field": field, "errors": [
-                {"field": _field_of(tuple(e.get("loc", ()))), "message": str(e.get("msg", ""))}
+                {"field": _field_of(tuple(e.get("loc", ()))), "message": _message(e.get("msg", ""))}
                 for e in errors[:20]
             ]},
         )

@@ -5,17 +5,55 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
 from maas.domain import Alias, Deployment, HealthThresholds, Model, ModelVersion, Route, Scope, UploadTarget
+from maas.domain.names import MODEL_NAME, TOKEN_NAME
+
+
+def _unencodable(value: Any) -> bool:
+    """Whether ``value`` holds a string UTF-8 cannot encode (a lone surrogate such as ``"\\ud800"``).
+    Iterative: a body nested as deep as the JSON parser allows must not exhaust the stack here."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, list | tuple):
+            pending.extend(item)
+    return False
 
 
 class Body(BaseModel):
+    """Request bodies: unknown fields are refused (so a client never believes an ignored field was
+    used), and so is text that is not Unicode. JSON may escape lone surrogates (``"\\ud800"``); Python
+    keeps them in ``str``, the registries store them, and every later answer that includes them fails
+    to encode: one request would break ``GET /models`` for everyone."""
+
     model_config = ConfigDict(extra="forbid")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _unicode_only(cls, value: Any) -> Any:
+        if _unencodable(value):
+            raise ValueError("text must be valid Unicode (no lone surrogate escapes such as \\ud800)")
+        return value
+
+
+def _documented(pattern: str) -> dict[str, Any]:
+    """The name rule in the OpenAPI document only: clients (and fuzzers) see what is accepted, while
+    the domain validator keeps answering with its own message naming the rule in words."""
+    return {"pattern": f"^{pattern}$"}
 
 
 class CreateModel(Body):
-    name: str = Field(max_length=63, examples=["fraud"])
+    name: str = Field(max_length=63, examples=["fraud"], json_schema_extra=_documented(MODEL_NAME.pattern))
     description: str = Field(default="", max_length=4096)
     tags: dict[str, str] = Field(default_factory=dict)
 
@@ -69,9 +107,10 @@ class Rollback(Body):
 
 
 class CreateToken(Body):
-    name: str = Field(max_length=64)
-    scopes: list[str] = Field(min_length=1, max_length=3, examples=[["invoke"]])
-    model: str | None = Field(default=None, max_length=63)
+    name: str = Field(max_length=64, json_schema_extra=_documented(TOKEN_NAME.pattern))
+    scopes: list[str] = Field(min_length=1, max_length=3, examples=[["invoke"]],
+                              json_schema_extra={"items": {"type": "string", "enum": [s.value for s in Scope]}})
+    model: str | None = Field(default=None, max_length=63, json_schema_extra=_documented(MODEL_NAME.pattern))
 
 
 class TokenInfo(BaseModel):
