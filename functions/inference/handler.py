@@ -376,6 +376,7 @@ class InferenceFunction:
         call.model = name
         if action == "/infer":
             self._allow(method, "POST")
+            self._authorize(request, name)  # before the path rules: anonymous callers learn nothing
             check_path(name, ref)
             return self._infer(request, name, ref, call)
         self._allow(method, "GET")
@@ -411,7 +412,6 @@ class InferenceFunction:
         return route if route is not None and route.target == SAGEMAKER_TARGET else None
 
     def _infer(self, request: HttpRequest, name: str, ref: str | None, call: _Call) -> HttpResponse:
-        self._authorize(request, name)
         route = self._sagemaker_route(name)
         if route is not None:
             return self._proxy(request, name, ref, route, call)

@@ -156,15 +156,9 @@ def test_every_operation_needs_a_valid_token(stack: Stack, anonymous: TestClient
 #: Identifiers every route refuses (422) once the caller is known.
 MALFORMED = {"name": "BAD_", "version": "0", "alias": "BAD_", "upload_id": "BAD", "deployment_id": "zz",
              "token_id": "zz"}
-AUTH_AFTER_VALIDATION = pytest.mark.xfail(strict=True, reason=(
-    "the route authenticates inside its body, after FastAPI validated the path: an anonymous caller "
-    "gets 422 (the identifier rules) instead of 401; see the security report"))
 
 
-@pytest.mark.parametrize(("method", "path"), [
-    pytest.param(method, path, marks=[AUTH_AFTER_VALIDATION] if path.startswith("/uploads/")
-                 or path.endswith("/infer") else [])
-    for method, path in sorted(REQUIRED) if "{" in path])
+@pytest.mark.parametrize(("method", "path"), [(method, path) for method, path in sorted(REQUIRED) if "{" in path])
 def test_anonymous_callers_learn_nothing_from_validation(local_stack: Stack, method: str, path: str) -> None:
     """Authentication comes first: without a token, even a malformed identifier is a 401, so an
     anonymous caller cannot probe which inputs a route would accept."""
@@ -284,3 +278,17 @@ def test_the_inference_lambda_refuses_missing_and_bad_tokens(lambda_env: Stack) 
         if (method, path) not in PUBLIC_OPERATIONS:
             status, _, body = lambda_call(fn, method, path, f"Bearer {lambda_env.tokens['other-model']}")
             assert status == 403, (method, path, body)
+
+
+def test_the_inference_lambda_authenticates_before_it_validates_the_path(lambda_env: Stack) -> None:
+    """As the app does: an anonymous caller gets 401 for a malformed model name or version, never the
+    422 that would tell it which names the function accepts; with a token the rules answer 422."""
+    fn = load_handler("inference", "maas_fn_inference_path_rules")
+    for path in ("/v2/models/BAD_/infer", "/v2/models/m/versions/0/infer"):
+        event = api_event("v2_http_json_infer_prod", body=b"{}", path=path, method="POST",
+                          headers={"Authorization": None, "Content-Type": "application/json"})
+        assert fn.handler(event, LambdaContext())["statusCode"] == 401, path
+        event = api_event("v2_http_json_infer_prod", body=b"{}", path=path, method="POST",
+                          headers={"Authorization": f"Bearer {lambda_env.tokens['invoke']}",
+                                   "Content-Type": "application/json"})
+        assert fn.handler(event, LambdaContext())["statusCode"] == 422, path

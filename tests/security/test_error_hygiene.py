@@ -336,10 +336,6 @@ def test_aws_outages_leak_nothing(fast_aws_backend: Any, settings: Settings, tmp
     assert any(status >= 500 for status in auditor.seen)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "maas.backends.aws.artifacts treats every S3 answer with HTTP status 404 as a missing object, "
-    "NoSuchBucket included: a deleted or misnamed bucket tells the user their upload does not exist "
-    "(404) instead of reporting an outage (503); see the security report"))
 def test_a_missing_bucket_is_an_outage_not_a_missing_upload(fast_aws_backend: Any, settings: Settings) -> None:
     with TestClient(create_app(fast_aws_backend, settings), base_url=f"http://{HOST}") as client:
         client.headers["Authorization"] = f"Bearer {aws_admin(fast_aws_backend)}"

@@ -517,3 +517,15 @@ def test_bytes_count_is_checked_before_allocating() -> None:
     with pytest.raises(InvalidInput) as raised:
         decode_request(header, len(header), LIMITS)
     assert "cannot hold" in raised.value.detail
+
+
+@pytest.mark.parametrize(("datatype", "value"), [("FP32", 1e39), ("FP16", 70000.0), ("FP32", -3.5e38)])
+def test_numbers_beyond_the_float_range_are_refused_not_run_as_infinity(datatype: str, value: float) -> None:
+    """JSON cannot say "infinity": a value that only becomes one in the datatype was out of range, and
+    would run as inf and come back as null."""
+    request = body({"inputs": [{"name": "x", "datatype": datatype, "shape": [2], "data": [1.0, value]}]})
+    with pytest.raises(InvalidInput, match=f"out of the range of {datatype}") as caught:
+        decode_request(request, None, LIMITS)
+    assert caught.value.field == "inputs[0].data"
+    assert decode_request(body({"inputs": [{"name": "x", "datatype": "FP64", "shape": [1], "data": [1e39]}]}),
+                          None, LIMITS).inputs["x"][0] == 1e39

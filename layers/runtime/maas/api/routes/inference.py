@@ -107,7 +107,9 @@ def version_ready(name: ModelName, version: VersionRef, services: ServicesDep, _
 
 
 async def _infer(request: Request, name: str, ref: str | None) -> Response:
-    """Reached only when ``InferencePath`` is not in front (it answers these routes itself)."""
+    """Reached when ``InferencePath`` is not in front, and for paths breaking the name rules (it leaves
+    those to FastAPI): the ``Invoker`` dependency runs before the path is validated, so an anonymous
+    caller gets 401, never a 422 that would tell which names the server accepts."""
     answer = await run_inference(request.app.state.services, name, ref, request.headers.get("authorization"),
                                  request.headers.get(BINARY_HEADER), await request.body())
     return Response(answer.payload, media_type=answer.media_type, headers=answer.headers())
@@ -115,11 +117,11 @@ async def _infer(request: Request, name: str, ref: str | None) -> Response:
 
 @router.post("/v2/models/{name}/infer", response_model=InferenceResponse, openapi_extra=INFER_OPENAPI,
              responses=problem_responses(400, 401, 403, 404, 409, 413, 415, 422))
-async def infer(name: ModelName, request: Request) -> Response:
+async def infer(_: Invoker, name: ModelName, request: Request) -> Response:
     return await _infer(request, name, None)
 
 
 @router.post("/v2/models/{name}/versions/{version}/infer", response_model=InferenceResponse,
              openapi_extra=INFER_OPENAPI, responses=problem_responses(400, 401, 403, 404, 409, 413, 415, 422))
-async def infer_version(name: ModelName, version: VersionRef, request: Request) -> Response:
+async def infer_version(_: Invoker, name: ModelName, version: VersionRef, request: Request) -> Response:
     return await _infer(request, name, version)

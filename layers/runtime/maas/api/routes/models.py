@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from typing import Annotated, BinaryIO, cast
 
 import anyio.from_thread
-from fastapi import APIRouter, Path, Query, Request, Response
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from maas.api.deps import Admin, Deployer, Invoker, ModelName, ServicesDep, VersionNumber
@@ -23,7 +23,7 @@ from maas.api.schemas import (
     VersionPage,
     problem_responses,
 )
-from maas.domain import DeploymentStatus, Model, ModelVersion, Scope, UploadPlan
+from maas.domain import DeploymentStatus, Model, ModelVersion, Scope, Token, UploadPlan
 from maas.errors import Forbidden
 from maas.services.tokens import TokenService
 
@@ -138,17 +138,24 @@ class _StreamReader(io.RawIOBase):
         return out
 
 
+def _uploader(request: Request, services: ServicesDep) -> Token:
+    """The caller of an upload, checked before the path is validated (dependencies run first), so an
+    anonymous caller gets 401 whatever the id. The path names no model: the scope is checked again
+    against the model the upload was reserved for."""
+    token = services.auth.authenticate(request.headers.get("authorization"))
+    if token.revoked or not any(scope.grants(Scope.DEPLOY) for scope in token.scopes):
+        raise Forbidden("this token lacks the 'deploy' scope")
+    return token
+
+
 @router.put("/uploads/{upload_id}", response_model=StagedUploadInfo, tags=["uploads"],
             responses=problem_responses(401, 403, 404, 413, 415, 422),
             openapi_extra={"requestBody": {"required": True, "content": {
                 "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}})
 @exempt  # streams its body (never buffered for a fingerprint); re-sending to an upload id replaces it
-async def upload(upload_id: Annotated[str, Path(pattern=r"^[0-9a-f]{32}$")], request: Request,
+async def upload(token: Annotated[Token, Depends(_uploader)],
+                 upload_id: Annotated[str, Path(pattern=r"^[0-9a-f]{32}$")], request: Request,
                  services: ServicesDep) -> StagedUploadInfo:
-    # The path names no model, so the scope check uses the model the upload was reserved for.
-    token = services.auth.authenticate(request.headers.get("authorization"))
-    if token.revoked or not any(scope.grants(Scope.DEPLOY) for scope in token.scopes):
-        raise Forbidden("this token lacks the 'deploy' scope")
     model = await run_in_threadpool(services.backend.artifacts.upload_model, upload_id)
     TokenService.require(token, Scope.DEPLOY, model)
     reader = _StreamReader(request.stream().__aiter__())

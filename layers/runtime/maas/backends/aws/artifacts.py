@@ -108,8 +108,11 @@ def b64_to_hex(checksum: str) -> str | None:
 
 
 def is_missing(error: ClientError) -> bool:
+    """An object, version or upload that is not there. A missing *bucket* is not one: that is the
+    stack broken (an outage, 503), not the user's upload gone."""
+    code = error_code(error)
     status = int(error.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
-    return error_code(error) in MISSING or status in (404, 405)
+    return code in MISSING or (status in (404, 405) and code != "NoSuchBucket")
 
 
 def full_object_sha256(head: dict[str, Any]) -> str | None:
