@@ -9,6 +9,8 @@ Every point yields result dicts ``{"system", "model", "scenario", "metric", "val
   process, pinned the same way;
 * ``bare-asgi``, ``thin-fastapi``, ``maas-serve``: over loopback (see :mod:`bench.servers`), load from
   :mod:`bench.load` in another process on the other core: p50/p99 at 1 connection, throughput at 8 and 32;
+* ``kserve`` / ``mlserver`` (``--systems ...,kserve,mlserver``): the peers of :mod:`bench.peers` served the
+  same way (pinned to the server core, same models, same load generator and points);
 * ``maas-serve`` again with Triton's binary tensor extension (inputs and outputs as raw bytes after a JSON
   header: scenarios ``c1 binary`` ... ``c32 binary``), whose target is raw ``session.run`` throughput.
 """
@@ -33,8 +35,11 @@ from bench.load import measure
 from bench.models import MODELS
 from bench.servers import SERVER_CORE, serving
 
-SERVER_SYSTEMS = {"bare": "bare-asgi", "fastapi": "thin-fastapi", "maas": "maas-serve"}
-ALL_SYSTEMS = ("raw", "engine", *SERVER_SYSTEMS)
+SERVER_SYSTEMS = {"bare": "bare-asgi", "fastapi": "thin-fastapi", "maas": "maas-serve", "kserve": "kserve",
+                  "mlserver": "mlserver"}
+#: The default systems; the peers (``kserve``, ``mlserver``: their own virtual environments, built on first
+#: use by ``bench.peers``) join with ``--systems``.
+ALL_SYSTEMS = ("raw", "engine", "bare", "fastapi", "maas")
 POINTS = ((1, "c1", ("p50_ms", "p99_ms")), (8, "c8", ("rps",)), (32, "c32", ("rps", "p99_ms")))
 UNITS = {"p50_ms": "ms", "p99_ms": "ms", "rps": "req/s", "errors": "count"}
 

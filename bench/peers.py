@@ -129,7 +129,9 @@ def ensure_venv(peer: str) -> Path:
     return python
 
 
-def start_peer(peer: str, python: Path, models: dict[str, Path], scratch: Path) -> tuple[subprocess.Popen[bytes], int]:
+def start_peer(peer: str, python: Path, models: dict[str, Path], scratch: Path,
+               prefix: list[str] | None = None) -> tuple[subprocess.Popen[bytes], int]:
+    """Start ``peer`` serving ``models``; ``prefix`` goes before the command (``taskset -c 0``)."""
     port = free_port()
     log = open(scratch / f"{peer}.log", "wb")  # noqa: SIM115  # closed with the process
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
@@ -152,8 +154,8 @@ def start_peer(peer: str, python: Path, models: dict[str, Path], scratch: Path) 
                 "name": name, "implementation": "onnx_runtime.OnnxRuntime", "parameters": {"uri": str(path)}}))
         command = [str(python.parent / "mlserver"), "start", str(root)]
         cwd = root
-    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                               start_new_session=True)
+    process = subprocess.Popen([*(prefix or []), *command], cwd=cwd, env=env, stdout=log,
+                               stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if process.poll() is not None:

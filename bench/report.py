@@ -13,6 +13,7 @@ from typing import Any
 
 RAW = "raw-ort"
 BOUNDS = ("bare-asgi", "thin-fastapi")
+PEERS = ("kserve", "mlserver")
 KEY = ("model", "system", "scenario", "metric")
 
 
@@ -60,6 +61,10 @@ def with_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for bound in BOUNDS:
             other = index.get((r["model"], bound, r["scenario"], r["metric"]))
             ratios[f"x_{bound}"] = r["value"] / other if other and r["metric"] != "errors" else None
+        # The best peer at the same point: the highest throughput, the lowest latency.
+        peers = [v for peer in PEERS if (v := index.get((r["model"], peer, r["scenario"], r["metric"])))]
+        best = (max(peers) if r["metric"] == "rps" else min(peers)) if peers else None
+        ratios["x_best_peer"] = r["value"] / best if best and r["metric"] != "errors" else None
         out.append({**r, **ratios})
     return out
 
@@ -88,16 +93,17 @@ def markdown(rows: list[dict[str, Any]], info: dict[str, Any], note: str = "") -
         "",
         "Medians over rounds. `x raw`: the value over raw `session.run` in-process (same metric); "
         "`x bare` / `x fastapi`: over the bare-ASGI / thin-FastAPI bound at the same point. Throughput: higher "
-        "is better; latency (ms): lower is better.",
+        "is better; latency (ms): lower is better. `x peer`: over the best peer (KServe, MLServer) at the same "
+        "point, when peers ran.",
         "",
-        "| model | scenario | metric | system | median | unit | x raw | x bare | x fastapi | outputs match |",
-        "|---|---|---|---|---:|---|---:|---:|---:|---|",
+        "| model | scenario | metric | system | median | unit | x raw | x bare | x fastapi | x peer | outputs match |",
+        "|---|---|---|---|---:|---|---:|---:|---:|---:|---|",
     ]
     for r in sorted(rows, key=_order):
         match = {True: "yes", False: "**NO**", None: "—"}[r["outputs_match"]]
         lines.append(f"| {r['model']} | {r['scenario']} | {r['metric']} | {r['system']} | {_fmt(r['value'])} | "
                      f"{r['unit']} | {_fmt(r.get('x_raw'))} | {_fmt(r.get('x_bare-asgi'))} | "
-                     f"{_fmt(r.get('x_thin-fastapi'))} | {match} |")
+                     f"{_fmt(r.get('x_thin-fastapi'))} | {_fmt(r.get('x_best_peer'))} | {match} |")
     return "\n".join(lines) + "\n"
 
 

@@ -32,7 +32,8 @@ import httpx
 REPO = Path(__file__).resolve().parent.parent
 SERVER_CORE = "0"
 CLIENT_CORE = "1"
-SYSTEMS = ("bare", "fastapi", "maas")
+SYSTEMS = ("bare", "fastapi", "maas", "kserve", "mlserver")
+PEERS = ("kserve", "mlserver")
 
 
 def taskset(core: str) -> list[str]:
@@ -181,6 +182,11 @@ def _wait_ready(process: subprocess.Popen[bytes], url: str, log: Path, path: str
 
 
 def stop(running: Running) -> None:
+    if running.system in PEERS:
+        from bench import peers
+
+        peers.stop(running.process)  # its own session: the server and any workers it started
+        return
     if running.process.poll() is None:
         running.process.terminate()
         try:
@@ -212,6 +218,12 @@ def start(system: str, models: dict[str, Path], workdir: Path) -> Running:
             stop(running)
             raise
         return running
+    if system in PEERS:
+        from bench import peers
+
+        process, port = peers.start_peer(system, peers.ensure_venv(system), models, workdir,
+                                         prefix=taskset(SERVER_CORE))
+        return Running(system, f"http://127.0.0.1:{port}", {}, process, workdir / f"{system}.log")
     if system != "maas":
         raise ValueError(f"unknown system {system!r}")
     from maas.client import Client
