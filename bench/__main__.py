@@ -2,8 +2,9 @@
 
     python -m bench [--quick] [--models logreg,forest,mlp,cnn] [--rounds 3] [--out bench/results]
 
-See docs/performance.md for the method. Optional parts (``bench.lambda_bench``, ``bench.cold_start``,
-``bench.peers``) run too when present: each exposes ``run(models, quick) -> list[dict]``.
+See docs/performance.md for the method. The optional parts (``bench.lambda_bench``, ``bench.cold_start``)
+run too unless ``--skip-optional``: each exposes ``run(models, quick) -> list[dict]``. The peers (KServe,
+MLServer) are HTTP systems of the same run: add ``kserve,mlserver`` to ``--systems``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 from bench import http_bench, report
 from bench.models import DEFAULT_CACHE, generate
 
-OPTIONAL = ("bench.lambda_bench", "bench.cold_start", "bench.peers")
+OPTIONAL = ("bench.lambda_bench", "bench.cold_start")
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -28,8 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default="logreg,forest,mlp,cnn")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=float, default=None, help="seconds per point (overrides --quick)")
-    parser.add_argument("--systems", default=",".join(http_bench.ALL_SYSTEMS))
-    parser.add_argument("--skip-optional", action="store_true", help="skip lambda_bench, cold_start, peers")
+    parser.add_argument("--systems", default=",".join(http_bench.ALL_SYSTEMS),
+                        help="from raw,engine,bare,fastapi,maas,kserve,mlserver (peers: own venvs, built on first use)")
+    parser.add_argument("--skip-optional", action="store_true", help="skip lambda_bench and cold_start")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     options = parser.parse_args(argv)
     started = time.monotonic()
