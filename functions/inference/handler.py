@@ -45,6 +45,7 @@ from maas import __version__
 from maas.backends.aws import AwsBackend
 from maas.backends.aws.telemetry import EmfMetrics, correlation_id, get_logger, get_tracer
 from maas.domain import ModelVersion, Route, Scope, Token, VersionStatus
+from maas.domain.names import MODEL_NAME, VERSION_REF
 from maas.errors import (
     BadRequest,
     InvalidInput,
@@ -88,9 +89,9 @@ INTERNAL_DETAIL = "the server failed to process the request; it has been logged"
 POOL_PATH = os.environ.get(ENV_POOL_PATH, "").rstrip("/")
 
 # The path rules of maas.api.deps (ModelName, VersionRef), checked the way FastAPI reports them.
-NAME_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
+NAME_PATTERN = f"^{MODEL_NAME.pattern}$"
 NAME_MAX_LENGTH = 63
-VERSION_PATTERN = r"^([1-9][0-9]{0,8}|[a-z][a-z0-9-]{0,62})$"
+VERSION_PATTERN = f"^({VERSION_REF.pattern})$"
 _NAME = re.compile(NAME_PATTERN)
 _VERSION = re.compile(VERSION_PATTERN)
 _MODEL_ROUTE = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer)?")

@@ -12,7 +12,6 @@ import hashlib
 import json
 import threading
 import uuid
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -100,13 +99,6 @@ def app(backend: Any, settings: Settings, validator: FlakyValidator) -> Any:
     """The real app over the backend, validating in-process (no sandbox child: faster, and faultable)."""
     backend.validator = validator
     return create_app(backend, settings)
-
-
-@pytest.fixture
-def client(app: Any, admin_token: str) -> Iterator[TestClient]:
-    with TestClient(app, base_url=f"http://{HOST}") as test_client:
-        test_client.headers["Authorization"] = f"Bearer {admin_token}"
-        yield test_client
 
 
 def new_token(backend: Any, name: str, scopes: list[str]) -> str:

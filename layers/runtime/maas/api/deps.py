@@ -11,7 +11,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from maas.api.metrics import PrometheusMetrics
 from maas.domain import Scope, Token
-from maas.domain.names import ALIAS_NAME, MODEL_NAME
+from maas.domain.names import ALIAS_NAME, MODEL_NAME, VERSION_REF
 from maas.inference.engine import InferenceEngine
 from maas.ports import Backend
 from maas.services.aliases import AliasService
@@ -69,5 +69,5 @@ ModelName = Annotated[str, Path(pattern=f"^{MODEL_NAME.pattern}$", max_length=63
                                 description="Model name: lowercase letters, digits, '-'")]
 AliasName = Annotated[str, Path(pattern=f"^{ALIAS_NAME.pattern}$", max_length=63)]
 VersionNumber = Annotated[int, Path(ge=1, le=999_999_999, description="Version number")]
-VersionRef = Annotated[str, Path(pattern=r"^([1-9][0-9]{0,8}|[a-z][a-z0-9-]{0,62})$",
+VersionRef = Annotated[str, Path(pattern=f"^({VERSION_REF.pattern})$",
                                  description="Version number or alias")]

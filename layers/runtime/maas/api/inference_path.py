@@ -9,23 +9,22 @@ path parameters break the API's rules (FastAPI's 422 answers them), goes on to t
 FastAPI routes of ``maas.api.routes.inference`` stay for OpenAPI and call the same :func:`run_inference`.
 
 It sits inside ``RequestGuard`` (Host, Origin, content type and body caps apply unchanged) and answers
-errors with the same problem+json bodies as ``maas.api.problems``."""
+errors through ``maas.api.problems`` (a rare path: the Starlette response costs nothing on success)."""
 
 from __future__ import annotations
 
-import logging
 import re
 from collections.abc import MutableMapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import orjson
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from maas.api.problems import internal_error_response, maas_error_response
 from maas.domain import Scope as TokenScope
-from maas.domain.names import MODEL_NAME
-from maas.errors import BadRequest, MaasError, Throttled, Unavailable
+from maas.domain.names import MODEL_NAME, VERSION_REF
+from maas.errors import BadRequest, MaasError
 from maas.inference.codec import decode_request, encode_response
 from maas.protocol.oip import BINARY_HEADER, VERSION_HEADER
 from maas.services.tokens import TokenService
@@ -33,21 +32,14 @@ from maas.services.tokens import TokenService
 if TYPE_CHECKING:
     from maas.api.deps import Services
 
-log = logging.getLogger("maas.api")
 
 #: Requests up to this many input elements, for a model already loaded, run on the event loop: a
 #: thread hop would cost more than the model. Bigger ones and first loads (reading, hashing and
 #: building a session) run in the threadpool, so they never stall the other connections.
 INLINE_MAX_ELEMENTS = 16_384
 INFER_ROUTE = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
-#: the path rules of ``maas.api.deps.ModelName`` / ``VersionRef``; a path breaking them goes to FastAPI
-VERSION_REF = re.compile(r"[1-9][0-9]{0,8}|[a-z][a-z0-9-]{0,62}")
-INTERNAL_PROBLEM = orjson.dumps({"type": "https://maas.dev/problems/internal", "title": "Internal error",
-                                 "status": 500,
-                                 "detail": "the server failed to process the request; it has been logged"})
 _JSON = b"application/json"
 _OCTET_STREAM = b"application/octet-stream"
-_PROBLEM_JSON = b"application/problem+json"
 _BINARY_HEADER = BINARY_HEADER.lower().encode("latin-1")
 _VERSION_HEADER = VERSION_HEADER.lower().encode("latin-1")
 
@@ -99,16 +91,6 @@ async def run_inference(services: Services, name: str, ref: str | None, authoriz
     return InferenceAnswer(payload, json_length, chosen.version)
 
 
-def problem_message(error: MaasError) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
-    """``maas.api.problems.maas_error_response`` as raw ASGI parts."""
-    headers = [(b"content-type", _PROBLEM_JSON)]
-    if isinstance(error, Throttled | Unavailable):
-        headers.append((b"retry-after", str(error.retry_after).encode("latin-1")))
-    if error.status >= 500:
-        log.error("request failed: %s: %s", type(error).__name__, error.detail)
-    return error.status, headers, orjson.dumps(error.to_problem())
-
-
 class InferencePath:
     """ASGI middleware answering the infer routes itself (see the module docstring)."""
 
@@ -139,18 +121,18 @@ class InferencePath:
             body = await _read_body(receive)
             answer = await run_inference(self.services, name, ref, authorization, binary_header, body)
         except MaasError as error:
-            status, headers, payload = problem_message(error)
+            await maas_error_response(error)(scope, receive, send)
+            return
         except Exception:
-            log.exception("unhandled error")
-            status, headers, payload = 500, [(b"content-type", _PROBLEM_JSON)], INTERNAL_PROBLEM
-        else:
-            status, payload = 200, answer.payload
-            headers = [(b"content-type", _JSON if answer.json_length is None else _OCTET_STREAM),
-                       (_VERSION_HEADER, str(answer.version).encode("latin-1"))]
-            if answer.json_length is not None:
-                headers.append((_BINARY_HEADER, str(answer.json_length).encode("latin-1")))
-        headers.append((b"content-length", str(len(payload)).encode("latin-1")))
-        await send({"type": "http.response.start", "status": status, "headers": headers})
+            await internal_error_response()(scope, receive, send)
+            return
+        payload = answer.payload
+        headers = [(b"content-type", _JSON if answer.json_length is None else _OCTET_STREAM),
+                   (_VERSION_HEADER, str(answer.version).encode("latin-1")),
+                   (b"content-length", str(len(payload)).encode("latin-1"))]
+        if answer.json_length is not None:
+            headers.append((_BINARY_HEADER, str(answer.json_length).encode("latin-1")))
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": payload})
 
 

@@ -56,6 +56,13 @@ def maas_error_response(error: MaasError) -> JSONResponse:
                         headers=headers)
 
 
+def internal_error_response() -> JSONResponse:
+    """The answer to a bug, logged with its traceback; the client gets nothing internal."""
+    log.exception("unhandled error")
+    return problem_response(500, "Internal error", "the server failed to process the request; it has been logged",
+                            slug="internal")
+
+
 def _field_of(loc: tuple[Any, ...]) -> str:
     parts = [str(p) for p in loc]
     if parts and parts[0] in ("body", "path", "query", "header", "cookie"):
@@ -101,7 +108,4 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _crash(_: Request, error: Exception) -> JSONResponse:
-        log.exception("unhandled error")
-        return problem_response(500, "Internal error",
-                                "the server failed to process the request; it has been logged",
-                                slug="internal")
+        return internal_error_response()

@@ -11,6 +11,8 @@ MODEL_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 ALIAS_NAME = re.compile(r"[a-z][a-z0-9-]{0,62}")
 TOKEN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 _.-]{0,63}")
 MAX_VERSION = 999_999_999
+#: A version in a path: a number (1 to MAX_VERSION) or an alias.
+VERSION_REF = re.compile(r"[1-9][0-9]{0,8}|" + ALIAS_NAME.pattern)
 
 
 def check_model_name(name: str, field: str = "name") -> str:

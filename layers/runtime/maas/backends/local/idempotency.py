@@ -85,9 +85,9 @@ class SqliteIdempotencyStore:
                        "AND response_status IS NULL", (principal, key, claim))
 
     def get(self, principal: str, key: str, now: float) -> IdempotencyRecord | None:
-        row = self._registry._conn().execute(
-            "SELECT * FROM idempotency_keys WHERE principal = ? AND key = ? AND expires_at > ?",
-            (principal, key, now)).fetchone()
+        with self._registry._read() as tx:
+            row = tx.execute("SELECT * FROM idempotency_keys WHERE principal = ? AND key = ? AND expires_at > ?",
+                             (principal, key, now)).fetchone()
         return _record(row) if row is not None else None
 
 
