@@ -15,7 +15,7 @@ from maas.errors import InvalidInput, ModelRejected
 from maas.inference.optimize import OptimizeReport, _compare, quantize
 from maas.inference.validation import inspect_model_bytes
 from maas.settings import Limits
-from tests.models import mlp_model, scale_model
+from tests.models import mlp_model, quantizable_model, scale_model, wide_matmul_model
 
 
 def _signature(data: bytes) -> Signature:
@@ -32,11 +32,17 @@ def _model(nodes: list[onnx.NodeProto], inputs: list[onnx.ValueInfoProto], outpu
 
 @pytest.mark.parametrize("gemm", [False, True], ids=["matmul-add", "gemm"])
 def test_an_mlp_shrinks_and_stays_within_tolerance(gemm: bool) -> None:
-    parent = mlp_model(gemm=gemm)
+    parent = quantizable_model(gemm=gemm)
     derived, report = quantize(parent, _signature(parent))
     assert isinstance(report, OptimizeReport)
     assert report.parent_bytes == len(parent) and report.derived_bytes == len(derived)
     assert report.derived_bytes < 0.5 * report.parent_bytes  # int8 weights are a quarter of float32
+    assert report.scheme == "s7-per-channel" and report.goal == "latency"
+    assert [(c.check, c.passed) for c in report.checks] == [
+        ("portability", True), ("size", True), ("accuracy", True), ("latency", True)]
+    # Kept under goal latency means the whole 99% interval of the paired speedup lies above 1.
+    low, high = report.speedup_interval
+    assert 1 < low <= report.speedup <= high and report.timing_pairs >= 8
     assert 0 < report.max_rel_diff <= report.tolerance == 0.05
     assert report.max_abs_diff >= report.max_rel_diff
     assert report.compared == ("y", "label") and report.samples == 16 and report.batch == 4
@@ -49,16 +55,17 @@ def test_an_mlp_shrinks_and_stays_within_tolerance(gemm: bool) -> None:
     body = report.as_dict()
     json.dumps(body, allow_nan=False)
     assert body["size_ratio"] < 0.5 and [o["name"] for o in body["outputs"]] == ["y", "label"]
+    assert [c["check"] for c in body["checks"]] == ["portability", "size", "accuracy", "latency"]
 
 
 def test_the_check_is_deterministic_and_holds_on_fresh_inputs() -> None:
-    parent = mlp_model(seed=2)
+    parent = quantizable_model(seed=2)
     signature = _signature(parent)
     first_bytes, first = quantize(parent, signature, 0.05, seed=7)
     second_bytes, second = quantize(parent, signature, tolerance=0.05, seed=7)
     assert first_bytes == second_bytes
     assert (first.max_abs_diff, first.outputs) == (second.max_abs_diff, second.outputs)
-    x = np.random.default_rng(99).standard_normal((64, 64)).astype(np.float32)
+    x = np.random.default_rng(99).standard_normal((64, 256)).astype(np.float32)
     p_y, p_label = ort.InferenceSession(parent).run(None, {"x": x})
     d_y, d_label = ort.InferenceSession(first_bytes).run(None, {"x": x})
     assert np.max(np.abs(p_y - d_y)) / max(1.0, np.max(np.abs(p_y))) <= 0.05
@@ -66,16 +73,42 @@ def test_the_check_is_deterministic_and_holds_on_fresh_inputs() -> None:
 
 
 def test_outside_the_tolerance_is_rejected_naming_the_output() -> None:
-    parent = mlp_model(seed=4)
+    parent = quantizable_model(seed=4)
     with pytest.raises(ModelRejected) as raised:
         quantize(parent, _signature(parent), 0.0)
     assert "'y'" in raised.value.detail and "tolerance of 0" in raised.value.detail
-    assert raised.value.extra == {"output": "y"}
+    assert raised.value.extra["output"] == "y" and raised.value.extra["check"] == "accuracy"
+    report = raised.value.extra["report"]
+    json.dumps(report, allow_nan=False)
+    assert report["tolerance"] == 0.0 and report["parent_bytes"] == len(parent)
+
+
+def test_a_model_that_would_grow_is_refused() -> None:
+    parent = mlp_model(dims=(8, 16, 3), seed=11)  # the int8 graph's extra nodes outweigh 176 weights
+    with pytest.raises(ModelRejected) as raised:
+        quantize(parent, _signature(parent))
+    assert raised.value.extra["check"] == "size"
+    assert "is not smaller than its parent" in raised.value.detail
+    report = raised.value.extra["report"]
+    assert report["derived_bytes"] > report["parent_bytes"] == len(parent)
+
+
+@pytest.mark.parametrize("goal", ["latency", "size"])
+def test_a_smaller_but_slower_model_is_refused_whatever_the_goal(goal: str) -> None:
+    parent = wide_matmul_model()
+    with pytest.raises(ModelRejected) as raised:
+        quantize(parent, _signature(parent), goal=goal)
+    assert raised.value.extra["check"] == "latency"
+    report = raised.value.extra["report"]
+    assert report["derived_bytes"] < report["parent_bytes"] and report["goal"] == goal
+    assert report["speedup_interval"][1] < 1 or goal == "latency"
+    assert [(c["check"], c["passed"]) for c in report["checks"]] == [
+        ("portability", True), ("size", True), ("accuracy", True), ("latency", False)]
 
 
 def test_labels_must_agree() -> None:
     # Unspread logits: on 256 samples the int8 error flips a few near-tie labels (~2%).
-    parent = mlp_model(seed=0, logit_scale=1.0)
+    parent = quantizable_model(logit_scale=1.0)
     signature = _signature(parent)
     with pytest.raises(ModelRejected) as raised:
         quantize(parent, signature, 0.5, min_agreement=1.0, samples=64)
@@ -98,17 +131,6 @@ def test_nothing_to_quantize() -> None:
         quantize(square, _signature(square))
 
 
-def test_a_conv_model_is_quantized() -> None:
-    weights = np.random.default_rng(0).standard_normal((16, 3, 3, 3)).astype(np.float32) / 5
-    parent = _model([helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])],
-                    [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 8, 8])],
-                    [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 16, 8, 8])],
-                    [numpy_helper.from_array(weights, "w")])
-    derived, report = quantize(parent, _signature(parent), 0.05, samples=4)
-    assert "ConvInteger" in {node.op_type for node in onnx.load_from_string(derived).graph.node}
-    assert report.max_rel_diff <= 0.05
-
-
 def test_integer_inputs_get_small_values_and_a_failing_parent_falls_back_to_zeros() -> None:
     # ids (INT64) index a 2-row embedding table: random ids in [0, 4) fail on the parent, zeros work.
     rng = np.random.default_rng(0)
@@ -119,8 +141,10 @@ def test_integer_inputs_get_small_values_and_a_failing_parent_falls_back_to_zero
         [numpy_helper.from_array(rng.standard_normal((2, 16)).astype(np.float32), "table"),
          numpy_helper.from_array(rng.standard_normal((16, 8)).astype(np.float32), "w")],
     )
-    _, report = quantize(parent, _signature(parent), 0.1, samples=2)
-    assert report.inputs == "zeros"
+    # (Both are too small to shrink: the refusal's report says what was sampled.)
+    with pytest.raises(ModelRejected) as raised:
+        quantize(parent, _signature(parent), 0.1, samples=2)
+    assert raised.value.extra["report"]["inputs"] == "zeros"
     wide = _model(
         [helper.make_node("Gather", ["table", "ids"], ["e"], axis=0), helper.make_node("MatMul", ["e", "w"], ["y"])],
         [helper.make_tensor_value_info("ids", TensorProto.INT64, ["n"])],
@@ -128,17 +152,18 @@ def test_integer_inputs_get_small_values_and_a_failing_parent_falls_back_to_zero
         [numpy_helper.from_array(rng.standard_normal((4, 16)).astype(np.float32), "table"),
          numpy_helper.from_array(rng.standard_normal((16, 8)).astype(np.float32), "w")],
     )
-    _, report = quantize(wide, _signature(wide), 0.1, samples=2)
-    assert report.inputs == "random"  # ids in [0, 4) index a 4-row table
+    with pytest.raises(ModelRejected) as raised:
+        quantize(wide, _signature(wide), 0.1, samples=2)
+    assert raised.value.extra["report"]["inputs"] == "random"  # ids in [0, 4) index a 4-row table
 
 
 def test_limits_are_respected() -> None:
-    parent = mlp_model(dims=(64, 32, 4))
+    parent = quantizable_model()
     signature = _signature(parent)
-    _, report = quantize(parent, signature, limits=Limits(max_tensor_elements=64))
-    assert report.batch == 1  # a batch of 4 x 64 would exceed the cap
+    _, report = quantize(parent, signature, goal="size", limits=Limits(max_tensor_elements=256))
+    assert report.batch == 1  # a batch of 4 x 256 would exceed the cap
     with pytest.raises(ModelRejected, match="elements per tensor"):
-        quantize(parent, signature, limits=Limits(max_tensor_elements=32))
+        quantize(parent, signature, limits=Limits(max_tensor_elements=255))
     with pytest.raises(InvalidInput, match="over the limit"):
         quantize(parent, signature, limits=Limits(max_model_bytes=len(parent) - 1))
 
@@ -146,7 +171,7 @@ def test_limits_are_respected() -> None:
 @pytest.mark.parametrize(("kwargs", "field"), [
     ({"tolerance": -0.1}, "tolerance"), ({"tolerance": float("nan")}, "tolerance"),
     ({"tolerance": float("inf")}, "tolerance"), ({"samples": 0}, "samples"), ({"samples": 10_000}, "samples"),
-    ({"min_agreement": 1.5}, "min_agreement"),
+    ({"min_agreement": 1.5}, "min_agreement"), ({"goal": "speed"}, "goal"),
 ])
 def test_arguments_are_checked(kwargs: dict[str, float], field: str) -> None:
     parent = mlp_model(dims=(8, 4))

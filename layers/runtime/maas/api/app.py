@@ -36,12 +36,13 @@ Inference follows the Open Inference Protocol v2 (KServe/Triton), with Triton's 
 """
 
 
-def _quantize(settings: Settings, model: bytes, signature: Signature, tolerance: float) -> tuple[bytes, Any]:
+def _quantize(settings: Settings, model: bytes, signature: Signature, tolerance: float, /, *, goal: str,
+              derived: bytes | None = None) -> tuple[bytes, Any]:
     """``maas.inference.optimize.quantize``, imported on the first optimize call: it loads onnx and
     onnxruntime, which the API function on AWS never needs otherwise (its cold start stays lean)."""
     from maas.inference.optimize import quantize
 
-    return quantize(model, signature, tolerance, limits=settings.limits)
+    return quantize(model, signature, tolerance, goal=goal, derived=derived, limits=settings.limits)
 
 
 class MaasAPI(FastAPI):

@@ -33,7 +33,7 @@ from maas.cli import CliError, stderr_console, stdout_console
 from maas.cli.admin import admin_app  # imports no AWS code until `maas admin ...` runs
 from maas.client import Client, MaasClientError
 from maas.client.client import DEPLOY_WAIT_S
-from maas.domain import Scope, Strategy
+from maas.domain import OptimizeGoal, Scope, Strategy
 from maas.errors import MaasError
 
 
@@ -396,6 +396,11 @@ def models_push(
         float | None,
         typer.Option("--tolerance", min=0.0, max=1.0, help="With --optimize: accepted output difference (0.05)."),
     ] = None,
+    goal: Annotated[
+        OptimizeGoal | None,
+        typer.Option("--goal", help="With --optimize: latency (must be faster, the default) or size (smaller, "
+                                    "not slower)."),
+    ] = None,
 ) -> None:
     """Upload an ONNX file as the model's next version, then verify and validate it.
 
@@ -429,7 +434,8 @@ def models_push(
         optimize_error: str | None = None
         if optimize:
             try:
-                optimized = client.optimize(name, version["version"], tolerance=tolerance)
+                optimized = client.optimize(name, version["version"], tolerance=tolerance,
+                                            goal=goal.value if goal is not None else None)
             except MaasClientError as exc:
                 optimize_error = str(exc)
     if optimize_error is not None:
@@ -461,17 +467,20 @@ def _print_optimized(name: str, result: dict[str, Any]) -> None:
     version, report = result.get("version") or {}, result.get("report") or {}
     out = stdout_console()
     how = "already optimized as" if report.get("reused") else "optimized into"
+    scheme = f", {report['scheme']} weights" if report.get("scheme") else ""
     out.print(f"{name} version {report.get('parent_version', version.get('parent_version'))} {how} version "
-              f"{version.get('version')} (int8 dynamic quantization): {version.get('status')}", markup=False)
+              f"{version.get('version')} (int8 dynamic quantization{scheme}): {version.get('status')}", markup=False)
     table = Table("", "parent", "int8", "change", box=None, pad_edge=False)
     parent_bytes, derived_bytes = report.get("parent_bytes"), report.get("derived_bytes")
     ratio = (f"{derived_bytes / parent_bytes:.2f}x" if isinstance(parent_bytes, int) and parent_bytes
              and isinstance(derived_bytes, int) else "")
     table.add_row("size", _size(parent_bytes), _size(derived_bytes), ratio)
     parent_ms, derived_ms = report.get("parent_p50_ms"), report.get("derived_p50_ms")
-    speedup = report.get("speedup")
+    speedup, interval = report.get("speedup"), report.get("speedup_interval") or []
+    bounds = (f" (99%: {interval[0]:.2f}x-{interval[1]:.2f}x)" if len(interval) == 2
+              and all(isinstance(bound, int | float) for bound in interval) else "")
     table.add_row("p50 latency", _ms(parent_ms), _ms(derived_ms),
-                  f"{speedup:.2f}x faster" if isinstance(speedup, int | float) else "")
+                  f"{speedup:.2f}x as fast{bounds}" if isinstance(speedup, int | float) else "")
     out.print(table)
     diff, rel = report.get("max_abs_diff"), report.get("max_rel_diff")
     parts = []
@@ -495,18 +504,27 @@ def models_optimize(
         typer.Option("--tolerance", min=0.0, max=1.0,
                      help="Accepted difference of each output from the parent's (default 0.05)."),
     ] = None,
+    goal: Annotated[
+        OptimizeGoal | None,
+        typer.Option("--goal", help="latency: the int8 version must be measurably faster (default); size: "
+                                    "smaller and not measurably slower."),
+    ] = None,
 ) -> None:
     """Quantize a version to int8 and register the result as a new version with the parent as lineage.
 
-    The derived version is accepted only if its outputs stay within the tolerance of the parent's on
-    sample inputs (float outputs: max difference relative to max(1, the output's peak); labels: 90%
-    equal). Size and p50 latency before/after and the difference are printed.
+    The derived version is kept only if it passes every check: its integer arithmetic is exact on every
+    CPU (no 16-bit saturation on x86 CPUs without VNNI), it is smaller than the parent, its outputs stay
+    within the tolerance of the parent's on sample inputs (float outputs: max difference relative to
+    max(1, the output's peak); labels: 90% equal), and it is faster in paired runs (--goal size: not
+    slower). Otherwise nothing is registered and the failed check is named. Size, p50 latency and the
+    difference are printed.
 
     Example: maas models optimize fraud 3 --tolerance 0.02
     """
     state = _state(ctx)
     with state.client() as client:
-        result = client.optimize(name, _version_arg(version), tolerance=tolerance)
+        result = client.optimize(name, _version_arg(version), tolerance=tolerance,
+                                 goal=goal.value if goal is not None else None)
     if state.json:
         _print_json(result)
         return

@@ -603,13 +603,18 @@ class Client:
     def delete_alias(self, name: str, alias: str) -> None:
         self._request("DELETE", f"{self._model_path(name)}/aliases/{_segment(alias)}")
 
-    def optimize(self, name: str, version: int | str, *, tolerance: float | None = None) -> dict[str, Any]:
-        """Quantize a READY version to int8 and register it as a new version (parent lineage), if its
-        outputs stay within ``tolerance`` (server default 0.05) of the parent's on sample inputs.
+    def optimize(self, name: str, version: int | str, *, tolerance: float | None = None,
+                 goal: str | None = None) -> dict[str, Any]:
+        """Quantize a READY version to int8 and register it as a new version (parent lineage), if it is
+        smaller, its outputs stay within ``tolerance`` (server default 0.05) of the parent's on sample
+        inputs, and it is faster (``goal="latency"``, the default) or not slower (``goal="size"``).
 
-        Returns ``{"version": <derived version>, "report": {...}}``: sizes, p50 latencies and diffs
-        before/after; ``report["reused"]`` is true when the version had been optimized before."""
+        Returns ``{"version": <derived version>, "report": {...}}``: scheme, sizes, paired latencies,
+        diffs and checks; ``report["reused"]`` is true when the version had been optimized before. A
+        failed check raises ``MaasClientError`` (422) whose problem names the ``check``."""
         body: dict[str, Any] = {} if tolerance is None else {"tolerance": float(tolerance)}
+        if goal is not None:
+            body["goal"] = goal
         result: dict[str, Any] = self._request(
             "POST", f"{self._model_path(name)}/versions/{_segment(version)}/optimize", json=body
         )

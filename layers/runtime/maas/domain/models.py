@@ -42,6 +42,14 @@ class Strategy(StrEnum):
     LINEAR = "linear"
 
 
+class OptimizeGoal(StrEnum):
+    """What an int8 derivative is for. Either way it must be smaller than its parent; ``latency`` also
+    demands that it be measurably faster, ``size`` only that it not be measurably slower."""
+
+    LATENCY = "latency"
+    SIZE = "size"
+
+
 class Scope(StrEnum):
     """Token scopes. ``admin`` implies ``deploy`` which implies ``invoke``."""
 

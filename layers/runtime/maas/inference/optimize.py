@@ -1,61 +1,71 @@
-"""Dynamic int8 quantization of a registered model, accepted only if it still answers like its parent.
+"""int8 optimization of a registered model, kept only if it is smaller, faster and answers like its parent.
 
-``quantize`` runs ``onnxruntime.quantization.quantize_dynamic`` (int8 weights for MatMul, Gemm and Conv;
-activations quantized on the fly) and then compares the derived model with the parent on deterministic
-sample inputs generated from the signature (seeded; dynamic leading dims become a small batch, other
-dynamic dims 1; floats standard normal, integers in ``[0, 4)`` so they are valid as indices or
-categories, booleans fair coins). If the parent cannot run on those inputs it is compared on zeros (the
-inputs validation already ran it on).
+``quantize`` quantizes the MatMul/Gemm weights (``maas.inference.quantization``: schemes whose integer
+arithmetic is exact on every CPU, so the accuracy measured here holds on the CPU that serves the model)
+and keeps the first scheme whose derived model passes, in this order:
 
-Acceptance, per output named in the signature:
+1. **portability**: every integer matrix product is one that cannot saturate on any CPU
+   (``saturation_risks``); a model that could answer differently elsewhere is never kept;
+2. **size**: the derived model has fewer bytes than the parent (quantizing a tiny model adds more
+   graph than it saves in weights);
+3. **accuracy**, on deterministic sample inputs generated from the signature (seeded; dynamic leading
+   dims become a small batch, other dynamic dims 1; floats standard normal, integers in ``[0, 4)`` so they
+   are valid as indices or categories, booleans fair coins; zeros if the parent cannot run on those),
+   per output named in the signature:
 
-* float outputs (FP16/FP32/FP64): ``max_rel_diff = max|derived - parent| / max(1, peak)`` must be at most
-  ``tolerance``, where ``peak`` is the largest ``|parent|`` value of that output over the samples. So the
-  tolerance is absolute for outputs within [-1, 1] (probabilities, scores) and relative to the output's
-  scale above that (logits, regressions). NaN/Inf must appear exactly where the parent has them.
-* every other output (integer labels, booleans, strings): the fraction of elements equal to the
-  parent's (``agreement``) must be at least ``min_agreement`` (default 0.9; 1.0 demands equality).
-  Quantization moves scores slightly, so near-ties may flip a label: demanding equality would reject
-  good models on samples that sit on a decision boundary.
+   * float outputs (FP16/FP32/FP64): ``max_rel_diff = max|derived - parent| / max(1, peak)`` must be at
+     most ``tolerance``, where ``peak`` is the largest ``|parent|`` value of that output over the samples.
+     So the tolerance is absolute for outputs within [-1, 1] (probabilities, scores) and relative to the
+     output's scale above that (logits, regressions). NaN/Inf must appear exactly where the parent has them.
+   * every other output (integer labels, booleans, strings): the fraction of elements equal to the
+     parent's (``agreement``) must be at least ``min_agreement`` (default 0.9; 1.0 demands equality).
+     Quantization moves scores slightly, so near-ties may flip a label.
 
-An output outside its bound raises ``ModelRejected`` naming it and the difference; a model without
-MatMul/Gemm/Conv weights raises ``InvalidInput`` ("nothing to quantize"). The parent's bytes are a READY
-version's (validated in the sandbox at registration), so they are loaded here as the engine loads them.
+Then the kept candidate must pass **latency** (``maas.inference.speed``: paired runs, a 99% interval of
+the speedup): with ``goal="latency"`` (the default) it must be measurably faster; with ``goal="size"``
+it must not be measurably slower. Either way no version is kept that is larger or slower than its parent.
+A failure raises ``ModelRejected`` whose ``extra`` names the ``check`` that failed and carries the
+``report`` measured so far; a model without MatMul/Gemm weights raises ``InvalidInput`` ("nothing to
+quantize"). With ``derived`` given, that derivative is checked instead of making one (a reused one is
+measured again, on this CPU, against this request's tolerance and goal).
 """
 
 from __future__ import annotations
 
 import math
-import tempfile
-import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
-from maas.domain import Signature, TensorSpec
-from maas.errors import InvalidInput, ModelRejected, Unavailable
+from maas.domain import OptimizeGoal, Signature, TensorSpec
+from maas.errors import InvalidInput, ModelRejected
 from maas.inference.codec import datatype_to_dtype
+from maas.inference.quantization import (
+    SCHEMES,
+    Scheme,
+    has_integer_ops,
+    has_weights,
+    quantize_weights,
+    saturation_risks,
+)
 from maas.inference.signature import quote_name
+from maas.inference.speed import SpeedComparison, compare_speed
 from maas.inference.validation import clean_reason
 from maas.settings import Limits
 
 METHOD = "int8-dynamic"
+GOALS: tuple[str, ...] = tuple(goal.value for goal in OptimizeGoal)
+DEFAULT_GOAL = OptimizeGoal.LATENCY.value
 DEFAULT_TOLERANCE = 0.05
 DEFAULT_MIN_AGREEMENT = 0.9
 MAX_SAMPLES = 256
 #: The batch size dynamic leading dims get in the samples (1 when a batch would exceed the element cap).
 SAMPLE_BATCH = 4
-#: The operators whose weights are quantized: the bulk of an MLP's, a transformer's or a CNN's bytes.
-QUANTIZED_OPS: tuple[str, ...] = ("MatMul", "Gemm", "Conv")
-#: Operators the quantizer emits; a derived graph without any of them was left unchanged.
-_INTEGER_OPS = frozenset({"MatMulInteger", "ConvInteger", "DynamicQuantizeLinear", "DynamicQuantizeMatMul",
-                          "QuantizeLinear", "DequantizeLinear", "QLinearMatMul", "QLinearConv"})
 _FLOAT_TYPES = frozenset({"FP16", "FP32", "FP64"})
-_FLOAT_ELEM_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16})
 
 
 @dataclass(frozen=True)
@@ -74,12 +84,27 @@ class OutputComparison:
 
 
 @dataclass(frozen=True)
+class Check:
+    """One of the checks a derived model passed or failed: portability, size, accuracy, latency."""
+
+    check: str
+    passed: bool
+    detail: str
+    scheme: str = ""
+
+
+@dataclass(frozen=True)
 class OptimizeReport:
     method: str
+    scheme: str  # the weight scheme kept (maas.inference.quantization), "" for a given derivative
+    goal: str
     parent_bytes: int
     derived_bytes: int
     parent_p50_ms: float
     derived_p50_ms: float
+    speedup: float  # median paired ratio parent / derived
+    speedup_interval: tuple[float, float]  # its 99% interval: > 1 is faster, < 1 slower
+    timing_pairs: int
     max_abs_diff: float  # over every float output (0.0 if there is none)
     max_rel_diff: float
     min_agreement_seen: float  # lowest agreement over non-float outputs (1.0 if there is none)
@@ -90,32 +115,54 @@ class OptimizeReport:
     inputs: str  # "random" or "zeros" (the parent could not run on random inputs)
     compared: tuple[str, ...]
     outputs: tuple[OutputComparison, ...]
+    checks: tuple[Check, ...] = field(default=())
 
     @property
     def size_ratio(self) -> float:
         return self.derived_bytes / self.parent_bytes if self.parent_bytes else 1.0
 
     def as_dict(self) -> dict[str, Any]:
-        """JSON-ready (every float is finite), with the size ratio and speedup added."""
+        """JSON-ready (every float is finite), with the size ratio added."""
         body = asdict(self)
         body["compared"] = list(self.compared)
         body["outputs"] = [asdict(output) for output in self.outputs]
+        body["checks"] = [asdict(check) for check in self.checks]
+        body["speedup_interval"] = [_finite(bound) for bound in self.speedup_interval]
         body["size_ratio"] = round(self.size_ratio, 4)
-        body["speedup"] = round(self.parent_p50_ms / self.derived_p50_ms, 3) if self.derived_p50_ms > 0 else None
         return body
 
 
+@dataclass(frozen=True)
+class _Candidate:
+    scheme: Scheme | None  # None: a derivative given to check
+    data: bytes
+    comparisons: tuple[OutputComparison, ...] = ()
+    checks: tuple[Check, ...] = ()
+
+    @property
+    def name(self) -> str:
+        return self.scheme.name if self.scheme is not None else ""
+
+    @property
+    def failure(self) -> Check | None:
+        return next((check for check in self.checks if not check.passed), None)
+
+
 def quantize(model_bytes: bytes, signature: Signature, tolerance: float = DEFAULT_TOLERANCE, *,
+             goal: str = DEFAULT_GOAL, derived: bytes | None = None, schemes: Sequence[Scheme] = SCHEMES,
              samples: int = 16, seed: int = 0, min_agreement: float = DEFAULT_MIN_AGREEMENT,
              limits: Limits | None = None) -> tuple[bytes, OptimizeReport]:
-    """Quantize ``model_bytes`` (dynamic int8) and check it against the parent: the derived bytes and
-    the report, or ``ModelRejected`` (outside the tolerance, or the result cannot run) / ``InvalidInput``
-    (bad arguments, nothing to quantize). ``tolerance`` may be passed positionally or by keyword."""
+    """Quantize ``model_bytes`` (or check ``derived``) against the parent: the derived bytes and the
+    report, or ``ModelRejected`` (a check failed; ``extra["check"]`` says which) / ``InvalidInput`` (bad
+    arguments, nothing to quantize). ``tolerance`` may be passed positionally or by keyword; ``schemes``
+    are tried in order (tests force others to show the guard)."""
     limits = limits or Limits()
     tolerance = _check_fraction(tolerance, "tolerance", upper=None)
     min_agreement = _check_fraction(min_agreement, "min_agreement", upper=1.0)
     if isinstance(samples, bool) or not isinstance(samples, int) or not 1 <= samples <= MAX_SAMPLES:
         raise InvalidInput(f"samples must be an integer from 1 to {MAX_SAMPLES}", field="samples")
+    if goal not in GOALS:
+        raise InvalidInput(f"goal must be one of {', '.join(GOALS)}", field="goal")
     if len(model_bytes) > limits.max_model_bytes:
         raise InvalidInput(f"model is {len(model_bytes)} bytes, over the limit of {limits.max_model_bytes} bytes",
                            field="version")
@@ -123,20 +170,11 @@ def quantize(model_bytes: bytes, signature: Signature, tolerance: float = DEFAUL
         parent_model = onnx.load_from_string(model_bytes)
     except Exception:
         raise ModelRejected("the parent model could not be parsed as ONNX") from None
-    if not _has_weights(parent_model):
-        raise InvalidInput("nothing to quantize: the model has no MatMul, Gemm or Conv weights",
-                           field="version")
+    if derived is None and not has_weights(parent_model):
+        raise InvalidInput("nothing to quantize: the model has no MatMul or Gemm weights", field="version")
     del parent_model
-    derived_bytes = _quantize_dynamic(model_bytes)
-    if not _has_integer_ops(derived_bytes):
-        raise InvalidInput("nothing to quantize: the quantizer left every MatMul, Gemm and Conv unchanged",
-                           field="version")
-    if len(derived_bytes) > limits.max_model_bytes:
-        raise ModelRejected(f"the int8 model is {len(derived_bytes)} bytes, over the limit of "
-                            f"{limits.max_model_bytes} bytes")
 
     parent = _session(model_bytes, "the parent model")
-    derived = _session(derived_bytes, "the int8 model")
     batch = _batch_size(signature, limits)
     feeds = _sample_inputs(signature, samples, seed, batch)
     inputs = "random"
@@ -146,43 +184,160 @@ def quantize(model_bytes: bytes, signature: Signature, tolerance: float = DEFAUL
         feeds = [_zero_inputs(signature, batch)] * samples
         inputs = "zeros"
     names = [spec.name for spec in signature.outputs]
-    parent_times: list[float] = []
-    derived_times: list[float] = []
-    parent_out: list[list[np.ndarray[Any, Any]]] = []
-    derived_out: list[list[np.ndarray[Any, Any]]] = []
-    _run(derived, names, feeds[0], "the int8 model")  # warm-up (the parent's ran above)
-    for feed in feeds:
-        parent_out.append(_timed(parent, names, feed, "the parent model", parent_times))
-        derived_out.append(_timed(derived, names, feed, "the int8 model", derived_times))
+    parent_out = [_run(parent, names, feed, "the parent model") for feed in feeds]
+    settings = _Settings(signature, feeds, parent_out, tolerance, min_agreement, limits, len(model_bytes))
 
+    tried: list[_Candidate] = []
+    options: list[tuple[Scheme | None, bytes | None]] = [(None, derived)] if derived is not None else \
+        [(scheme, None) for scheme in schemes]
+    for scheme, given in options:
+        data = given if given is not None else _derive(model_bytes, scheme)
+        candidate = _assess(_Candidate(scheme, data), settings)
+        tried.append(candidate)
+        if candidate.failure is None or candidate.failure.check == "size":
+            break  # every scheme's weights take the same bytes: none is smaller where one is not
+    kept = tried[-1]
+    if kept.failure is not None:
+        _reject(tried, settings, goal, inputs, batch, samples)
+    derived_session = _session(kept.data, "the int8 model")
+    speed = compare_speed(lambda i: parent.run(names, feeds[i]), lambda i: derived_session.run(names, feeds[i]),
+                          len(feeds))
+    latency = _latency_check(speed, goal, kept.name)
+    checks = (*(check for candidate in tried for check in candidate.checks), latency)
+    report = _report(kept, settings, speed, checks, goal=goal, inputs=inputs, batch=batch, samples=samples)
+    if not latency.passed:
+        raise ModelRejected(latency.detail, extra={"check": "latency", "report": report.as_dict()})
+    return kept.data, report
+
+
+# ----------------------------------------------------------------------------------------- checks
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """What every candidate is measured against (the parent's outputs are computed once)."""
+
+    signature: Signature
+    feeds: list[dict[str, np.ndarray[Any, Any]]]
+    parent_out: list[list[np.ndarray[Any, Any]]]
+    tolerance: float
+    min_agreement: float
+    limits: Limits
+    parent_bytes: int
+
+
+def _derive(model_bytes: bytes, scheme: Scheme | None) -> bytes:
+    if scheme is None:
+        raise ValueError("a derivative is either given or made with a scheme")
+    data = quantize_weights(model_bytes, scheme)
+    if not has_integer_ops(onnx.load_from_string(data)):
+        raise InvalidInput("nothing to quantize: the quantizer left every MatMul and Gemm unchanged",
+                           field="version")
+    return data
+
+
+def _assess(candidate: _Candidate, settings: _Settings) -> _Candidate:
+    """Portability, then size, then accuracy: the candidate with its checks (stopping at a failure)."""
+    with_scheme = f" with {candidate.name} weights" if candidate.name else ""
+    if len(candidate.data) > settings.limits.max_model_bytes:
+        raise ModelRejected(f"the int8 model is {len(candidate.data)} bytes, over the limit of "
+                            f"{settings.limits.max_model_bytes} bytes")
+    try:
+        risks = saturation_risks(onnx.load_from_string(candidate.data))
+    except Exception:
+        raise ModelRejected("the int8 model could not be parsed as ONNX") from None
+    portable = Check("portability", not risks, (
+        f"the int8 model{with_scheme} could answer differently on other CPUs: {'; '.join(risks[:3])}" if risks
+        else "every integer matrix product is exact on every CPU (no 16-bit saturation)"), candidate.name)
+    if not portable.passed:
+        return _with(candidate, portable)
+    smaller = len(candidate.data) < settings.parent_bytes
+    size = Check("size", smaller, (
+        f"{_bytes(settings.parent_bytes)} -> {_bytes(len(candidate.data))} "
+        f"({len(candidate.data) / settings.parent_bytes:.2f}x)" if smaller else
+        f"the int8 model{with_scheme} is not smaller than its parent: {_bytes(len(candidate.data))} against "
+        f"{_bytes(settings.parent_bytes)} (quantizing adds more graph than it saves in weights)"), candidate.name)
+    if not size.passed:
+        return _with(candidate, portable, size)
+    session = _session(candidate.data, "the int8 model")
+    names = [spec.name for spec in settings.signature.outputs]
+    derived_out = [_run(session, names, feed, "the int8 model") for feed in settings.feeds]
     comparisons = tuple(
-        _compare(spec, [run[i] for run in parent_out], [run[i] for run in derived_out], tolerance, min_agreement)
-        for i, spec in enumerate(signature.outputs)
+        _compare(spec, [run[i] for run in settings.parent_out], [run[i] for run in derived_out],
+                 settings.tolerance, settings.min_agreement)
+        for i, spec in enumerate(settings.signature.outputs)
     )
-    for comparison in comparisons:
-        if not comparison.passed:
-            raise ModelRejected(_rejection(comparison, tolerance, min_agreement),
-                                extra={"output": comparison.name})
-    floats = [c for c in comparisons if c.kind == "float"]
-    exact = [c for c in comparisons if c.kind == "exact"]
-    report = OptimizeReport(
+    failed = next((comparison for comparison in comparisons if not comparison.passed), None)
+    accuracy = Check("accuracy", failed is None, (
+        _rejection(failed, settings.tolerance, settings.min_agreement, with_scheme) if failed is not None else
+        f"every output within tolerance {settings.tolerance:g} (max relative diff "
+        f"{max((c.max_rel_diff or 0.0 for c in comparisons), default=0.0):.4g})"), candidate.name)
+    return _Candidate(candidate.scheme, candidate.data, comparisons, (portable, size, accuracy))
+
+
+def _with(candidate: _Candidate, *checks: Check) -> _Candidate:
+    return _Candidate(candidate.scheme, candidate.data, candidate.comparisons, checks)
+
+
+def _latency_check(speed: SpeedComparison, goal: str, scheme: str) -> Check:
+    if goal == "latency":
+        verdict = speed.faster
+        failed = "the int8 model is not faster than its parent"
+    else:
+        verdict = not speed.slower
+        failed = "the int8 model is slower than its parent"
+    return Check("latency", verdict, speed.describe() if verdict else f"{failed}: {speed.describe()}", scheme)
+
+
+def _reject(tried: list[_Candidate], settings: _Settings, goal: str, inputs: str, batch: int,
+            samples: int) -> None:
+    """Every scheme failed a check: ModelRejected naming the last failure (and the others before it)."""
+    failures = [candidate.failure for candidate in tried if candidate.failure is not None]
+    last = failures[-1]
+    detail = last.detail if len(failures) == 1 else "; ".join(
+        [last.detail, *(f"also {failure.detail}" for failure in failures[:-1])])
+    kept = tried[-1]
+    report = {
+        "method": METHOD, "scheme": kept.name, "goal": goal, "parent_bytes": settings.parent_bytes,
+        "derived_bytes": len(kept.data), "tolerance": settings.tolerance, "min_agreement": settings.min_agreement,
+        "samples": samples, "batch": batch, "inputs": inputs,
+        "outputs": [asdict(comparison) for comparison in kept.comparisons],
+        "checks": [asdict(check) for candidate in tried for check in candidate.checks],
+    }
+    extra: dict[str, Any] = {"check": last.check, "report": report}
+    failed_output = next((c.name for c in kept.comparisons if not c.passed), None)
+    if last.check == "accuracy" and failed_output is not None:
+        extra["output"] = failed_output
+    raise ModelRejected(detail, extra=extra)
+
+
+def _report(kept: _Candidate, settings: _Settings, speed: SpeedComparison, checks: tuple[Check, ...], *,
+            goal: str, inputs: str, batch: int, samples: int) -> OptimizeReport:
+    floats = [c for c in kept.comparisons if c.kind == "float"]
+    exact = [c for c in kept.comparisons if c.kind == "exact"]
+    return OptimizeReport(
         method=METHOD,
-        parent_bytes=len(model_bytes),
-        derived_bytes=len(derived_bytes),
-        parent_p50_ms=_p50_ms(parent_times),
-        derived_p50_ms=_p50_ms(derived_times),
+        scheme=kept.name,
+        goal=goal,
+        parent_bytes=settings.parent_bytes,
+        derived_bytes=len(kept.data),
+        parent_p50_ms=speed.parent_p50_ms,
+        derived_p50_ms=speed.derived_p50_ms,
+        speedup=speed.speedup,
+        speedup_interval=(speed.low, speed.high),
+        timing_pairs=speed.pairs,
         max_abs_diff=max((c.max_abs_diff or 0.0 for c in floats), default=0.0),
         max_rel_diff=max((c.max_rel_diff or 0.0 for c in floats), default=0.0),
         min_agreement_seen=min((c.agreement if c.agreement is not None else 1.0 for c in exact), default=1.0),
-        tolerance=tolerance,
-        min_agreement=min_agreement,
+        tolerance=settings.tolerance,
+        min_agreement=settings.min_agreement,
         samples=samples,
         batch=batch,
         inputs=inputs,
-        compared=tuple(names),
-        outputs=comparisons,
+        compared=tuple(spec.name for spec in settings.signature.outputs),
+        outputs=kept.comparisons,
+        checks=checks,
     )
-    return derived_bytes, report
 
 
 # ----------------------------------------------------------------------------------------- helpers
@@ -196,43 +351,21 @@ def _check_fraction(value: float, field: str, *, upper: float | None) -> float:
     return float(value)
 
 
-def _has_weights(model: onnx.ModelProto) -> bool:
-    """Whether some MatMul/Gemm/Conv of the main graph takes a float initializer of rank >= 2."""
-    weights = {t.name for t in model.graph.initializer if t.data_type in _FLOAT_ELEM_TYPES and len(t.dims) >= 2}
-    return any(node.op_type in QUANTIZED_OPS and any(name in weights for name in node.input)
-               for node in model.graph.node)
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
 
 
-def _has_integer_ops(data: bytes) -> bool:
-    return any(node.op_type in _INTEGER_OPS for node in onnx.load_from_string(data).graph.node)
-
-
-def _quantize_dynamic(model_bytes: bytes) -> bytes:
-    # Deferred: onnxruntime.quantization is ~0.3 s of imports only this needs (and the trimmed Lambda
-    # layer drops it: optimizing runs where the full onnxruntime is installed).
-    try:
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-    except ImportError:
-        raise Unavailable("int8 quantization is not available on this server (onnxruntime.quantization is "
-                          "not installed); optimize where the full onnxruntime is installed") from None
-
-    with tempfile.TemporaryDirectory(prefix="maas-quantize-") as tmp:
-        source, target = Path(tmp) / "parent.onnx", Path(tmp) / "int8.onnx"
-        source.write_bytes(model_bytes)
-        try:
-            quantize_dynamic(source, target, weight_type=QuantType.QInt8, op_types_to_quantize=list(QUANTIZED_OPS))
-        except MemoryError:
-            raise
-        except Exception as exc:
-            raise ModelRejected(f"int8 quantization failed: {clean_reason(str(exc))}") from None
-        if any(path.name not in {source.name, target.name} for path in Path(tmp).iterdir()):
-            raise ModelRejected("int8 quantization wrote external data; maas stores self-contained models only")
-        return target.read_bytes()
+def _bytes(count: int) -> str:
+    return f"{count} B" if count < 1024 else f"{count / 1024:.1f} KiB" if count < 1024 ** 2 else \
+        f"{count / 1024 ** 2:.1f} MiB"
 
 
 def _session(data: bytes, what: str) -> ort.InferenceSession:
+    # One thread: optimize runs inside a serving process, and paired timings are steadier on one core.
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
     options.log_severity_level = 3
     try:
         return ort.InferenceSession(data, sess_options=options, providers=["CPUExecutionProvider"])
@@ -246,18 +379,6 @@ def _run(session: ort.InferenceSession, names: list[str], feed: dict[str, np.nda
         return [np.asarray(value) for value in session.run(names, feed)]
     except Exception as exc:
         raise ModelRejected(f"{what} failed on sample inputs: {clean_reason(str(exc))}") from None
-
-
-def _timed(session: ort.InferenceSession, names: list[str], feed: dict[str, np.ndarray[Any, Any]], what: str,
-           times: list[float]) -> list[np.ndarray[Any, Any]]:
-    started = time.perf_counter()
-    result = _run(session, names, feed, what)
-    times.append(time.perf_counter() - started)
-    return result
-
-
-def _p50_ms(times: list[float]) -> float:
-    return round(float(np.median(times)) * 1000.0, 4) if times else 0.0
 
 
 def _shape(spec: TensorSpec, batch: int) -> tuple[int, ...]:
@@ -330,14 +451,15 @@ def _compare(spec: TensorSpec, parent: list[np.ndarray[Any, Any]], derived: list
                             max_rel_diff=relative, nonfinite_mismatch=misplaced)
 
 
-def _rejection(comparison: OutputComparison, tolerance: float, min_agreement: float) -> str:
+def _rejection(comparison: OutputComparison, tolerance: float, min_agreement: float, with_scheme: str) -> str:
     name = quote_name(comparison.name)
+    subject = f"the int8 model's output {name}{with_scheme}"
     if comparison.kind == "shape":
-        return f"the int8 model's output {name} has another shape than the parent's"
+        return f"{subject} has another shape than the parent's"
     if comparison.kind == "exact":
-        return (f"the int8 model's output {name} equals the parent's on {comparison.agreement:.1%} of "
+        return (f"{subject} equals the parent's on {comparison.agreement:.1%} of "
                 f"{comparison.elements} sampled elements, under the {min_agreement:.1%} required")
     if comparison.nonfinite_mismatch:
-        return f"the int8 model's output {name} has NaN or Inf where the parent's does not"
-    return (f"the int8 model's output {name} differs from the parent's by up to {comparison.max_abs_diff:.4g} "
+        return f"{subject} has NaN or Inf where the parent's does not"
+    return (f"{subject} differs from the parent's by up to {comparison.max_abs_diff:.4g} "
             f"({comparison.max_rel_diff:.4g} relative to its scale), over the tolerance of {tolerance:g}")
