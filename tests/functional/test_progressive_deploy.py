@@ -42,7 +42,7 @@ from maas.domain import (
     UploadPlan,
     VersionStatus,
 )
-from maas.errors import Conflict, InvalidInput, MaasError, Unhealthy
+from maas.errors import Conflict, InvalidInput, MaasError, ModelRejected, Unhealthy
 from maas.inference.codec import decode_request
 from maas.inference.engine import InferenceEngine
 from maas.inference.smoke import SmokeTest, smoke_inputs
@@ -54,7 +54,7 @@ from maas.services.models import ModelService
 from maas.services.serving import ServingResolver, artifact_reader
 from maas.settings import Settings
 from tests.conftest import push
-from tests.models import InProcessValidator, scale_model
+from tests.models import InProcessValidator, quantizable_model, scale_model, wide_matmul_model
 
 # -- models ------------------------------------------------------------------------------------------
 
@@ -589,13 +589,6 @@ def test_maas_deploy_help_explains_every_option() -> None:
 # -- the optimize step -------------------------------------------------------------------------------
 
 
-def matmul_model(width: int = 64) -> bytes:
-    """y = x @ W over FP32 [batch, 4] -> [batch, width]: weights worth quantizing."""
-    weights = np.random.default_rng(0).standard_normal((4, width)).astype(np.float32)
-    return _model([helper.make_node("MatMul", ["x", "w"], ["y"])], [numpy_helper.from_array(weights, "w")],
-                  ["batch", width], "matmul")
-
-
 def test_the_optimize_step_deploys_the_derived_version(world: World) -> None:
     import functools
 
@@ -605,7 +598,7 @@ def test_the_optimize_step_deploys_the_derived_version(world: World) -> None:
     optimizer = OptimizeService(world.models, world.backend.artifacts,
                                 functools.partial(quantize, limits=world.settings.limits))
     world.workflow.optimizer = lambda version: optimizer.optimize(version.model, version.version)
-    parent = world.push(matmul_model())
+    parent = world.push(quantizable_model(inputs=4))
     done = world.service.deploy("m", parent.version, optimize=True)
     assert done.status is DeploymentStatus.SUCCEEDED and done.version != parent.version
     assert kinds(done) == ["started", "validated", "optimized", "smoke_test_passed", "promoted"]
@@ -614,3 +607,25 @@ def test_the_optimize_step_deploys_the_derived_version(world: World) -> None:
     derived = world.backend.registry.get_version("m", done.version)
     assert derived.parent_version == parent.version and world.route() == (done.version, None, 0.0)
     assert world.infer() == str(done.version)
+
+
+def test_an_optimize_step_that_cannot_improve_the_model_leaves_the_route_alone(world: World) -> None:
+    import functools
+
+    from maas.inference.optimize import quantize
+    from maas.services.optimize import OptimizeService
+
+    optimizer = OptimizeService(world.models, world.backend.artifacts,
+                                functools.partial(quantize, limits=world.settings.limits))
+    world.workflow.optimizer = lambda version: optimizer.optimize(version.model, version.version)
+    world.service.deploy("m", world.push(scale_model(1.0)).version)
+    small = world.push(wide_matmul_model())  # its int8 graph is smaller but never faster
+    with pytest.raises(ModelRejected) as raised:
+        world.service.deploy("m", small.version, optimize=True)
+    assert raised.value.extra["check"] == "latency" and "not faster" in raised.value.detail
+    failed = world.history()[0]
+    assert failed.status in {DeploymentStatus.FAILED, DeploymentStatus.ROLLED_BACK}
+    assert "optimized" not in kinds(failed) and failed.version == small.version
+    assert world.route() == (1, None, 0.0)
+    assert sorted(v.version for v in world.backend.registry.list_versions("m", 10, None).items) == [1, 2]
+
