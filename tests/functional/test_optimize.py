@@ -129,7 +129,7 @@ def test_invalid_requests(client: TestClient, backend: Any) -> None:
 
 
 def test_a_model_with_nothing_to_quantize_gets_a_clear_422(client: TestClient, backend: Any) -> None:
-    push(client, "scale", scale_model(2.0))  # a single Mul: no MatMul, Gemm or Conv weights
+    push(client, "scale", scale_model(2.0))  # a single Mul: no MatMul or Gemm weights
     answer = client.post("/models/scale/versions/1/optimize")
     assert answer.status_code == 422, answer.text
     assert "nothing to quantize" in answer.json()["detail"]

@@ -675,8 +675,9 @@ def deploy(
                                                            "times the stable version's (default 2).", min=0)
     ] = None,
     optimize: Annotated[
-        bool, typer.Option("--optimize", help="Quantize the version (int8, checked against its outputs) and "
-                                              "deploy the derived version.")
+        bool, typer.Option("--optimize", help="Quantize the version to int8 and deploy the derived version, "
+                                              "if it is exact on every CPU, smaller, within tolerance of the "
+                                              "original's outputs and faster (else the deploy fails there).")
     ] = False,
     wait: Annotated[
         bool,

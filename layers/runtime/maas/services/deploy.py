@@ -483,8 +483,12 @@ def _report(facts: Mapping[str, Any]) -> str:
         parts.append(f"{facts['parent_bytes']} -> {facts['derived_bytes']} bytes")
     if facts.get("parent_p50_ms") is not None and facts.get("derived_p50_ms") is not None:
         parts.append(f"p50 {float(facts['parent_p50_ms']):.2f} -> {float(facts['derived_p50_ms']):.2f} ms")
+    if facts.get("speedup") is not None:
+        parts.append(f"{float(facts['speedup']):.2f}x as fast")
     if facts.get("max_rel_diff") is not None:
         parts.append(f"max relative output difference {float(facts['max_rel_diff']):.3g}")
+    if facts.get("scheme"):
+        parts.append(f"{facts['scheme']} weights")
     if facts.get("reused"):
         parts.append("reused an existing derivative")
     method = str(facts.get("method") or "")
