@@ -6,11 +6,19 @@ import itertools
 from pathlib import Path
 
 import numpy as np
+import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from maas.domain import Signature
 from maas.inference.validation import inspect_model_file
 from maas.settings import Limits, Settings
+
+
+def _serialize(graph: onnx.GraphProto) -> bytes:
+    """Opset 17, IR version 8: what every model here is built as."""
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString()
 
 
 class InProcessValidator:
@@ -33,9 +41,7 @@ def scale_model(factor: float, *, name: str = "x", width: int = 4) -> bytes:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", width])],
         initializer=[numpy_helper.from_array(np.array(factor, dtype=np.float32), "k")],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model.SerializeToString()
+    return _serialize(graph)
 
 
 def failing_model() -> bytes:
@@ -48,9 +54,7 @@ def failing_model() -> bytes:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
         initializer=[numpy_helper.from_array(np.array([1, 2], dtype=np.float32), "c")],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model.SerializeToString()
+    return _serialize(graph)
 
 
 def large_model(factor: float = 2.0) -> bytes:
@@ -65,9 +69,7 @@ def large_model(factor: float = 2.0) -> bytes:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
         initializer=[numpy_helper.from_array(weights, "w")],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model.SerializeToString()
+    return _serialize(graph)
 
 
 def mlp_model(dims: tuple[int, ...] = (64, 256, 10), *, seed: int = 0, gemm: bool = False,
@@ -101,9 +103,7 @@ def mlp_model(dims: tuple[int, ...] = (64, 256, 10), *, seed: int = 0, gemm: boo
         outputs.append(helper.make_tensor_value_info("label", TensorProto.INT64, ["batch"]))
     graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", dims[0]])],
                               outputs, initializer=initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model.SerializeToString()
+    return _serialize(graph)
 
 
 def quantizable_model(*, inputs: int = 256, seed: int = 0, gemm: bool = False, logit_scale: float = 4.0) -> bytes:
@@ -126,9 +126,7 @@ def wide_matmul_model() -> bytes:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 16384])],
         initializer=[numpy_helper.from_array(weights, "w")],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model.SerializeToString()
+    return _serialize(graph)
 
 
 def lossy_model() -> bytes:
@@ -150,6 +148,4 @@ def lossy_model() -> bytes:
         initializer=[numpy_helper.from_array(gain, "gain"), numpy_helper.from_array(w0, "w0"),
                      numpy_helper.from_array(w1, "w1")],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model.SerializeToString()
+    return _serialize(graph)

@@ -17,7 +17,7 @@ def test_models_optimize(run, tmp_path: Path) -> None:  # type: ignore[no-untype
     model_file.write_bytes(quantizable_model())
     run("models", "push", "cli-opt", str(model_file))
     printed = run("models", "optimize", "cli-opt", "1", "--tolerance", "0.05")
-    assert "version 1 optimized into version 2" in printed and "s7-per-channel weights" in printed
+    assert "version 1 optimized into version 2" in printed and "s7 weights" in printed
     assert "as fast (99%:" in printed
     assert "size" in printed and "KiB" in printed and "p50 latency" in printed and " ms" in printed
     assert "max abs diff" in printed and "tolerance 0.05" in printed

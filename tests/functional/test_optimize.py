@@ -37,14 +37,14 @@ def test_optimize_registers_a_smaller_derived_version_within_tolerance(client: T
     derived, report = answer.json()["version"], answer.json()["report"]
     assert derived["version"] == 2 and derived["status"] == "READY"
     assert derived["parent_version"] == 1
-    assert derived["description"].startswith("int8 dynamic quantization of v1 (s7-per-channel weights, ")
+    assert derived["description"].startswith(f"int8 dynamic quantization of v1 ({report['scheme']} weights, ")
     assert derived["signature"] == parent["signature"]
     assert derived["created_by"] == "admin"
     # int8 weights: a quarter of the float32 bytes, plus the graph
     assert derived["size"] < parent["size"]
     assert report["derived_bytes"] == derived["size"] < report["parent_bytes"] == parent["size"]
     assert report["reused"] is False and report["method"] == "int8-dynamic"
-    assert report["scheme"] == "s7-per-channel" and report["goal"] == "latency"
+    assert report["scheme"] == "s7" and report["goal"] == "latency"  # the fastest scheme, accurate enough here
     assert [(c["check"], c["passed"]) for c in report["checks"]] == [
         ("portability", True), ("size", True), ("accuracy", True), ("latency", True)]
     assert report["speedup_interval"][0] > 1  # what goal latency demands
@@ -72,7 +72,7 @@ def test_optimize_registers_a_smaller_derived_version_within_tolerance(client: T
 
 
 def test_optimize_is_idempotent(client: TestClient, backend: Any) -> None:
-    push(client, "idem", quantizable_model(seed=3))
+    push(client, "idem", quantizable_model(seed=4))
     first = client.post("/models/idem/versions/1/optimize", json={})
     assert first.status_code == 201, first.text
     again = client.post("/models/idem/versions/1/optimize")  # no body: default tolerance
@@ -80,7 +80,8 @@ def test_optimize_is_idempotent(client: TestClient, backend: Any) -> None:
     assert again.json()["version"]["version"] == first.json()["version"]["version"] == 2
     assert again.json()["report"]["reused"] is True
     # A reused derivative is measured again, not taken on trust.
-    assert again.json()["report"]["scheme"] == "s7-per-channel" and again.json()["report"]["timing_pairs"] >= 8
+    assert again.json()["report"]["scheme"] == first.json()["report"]["scheme"]
+    assert again.json()["report"]["timing_pairs"] >= 8
     # An alias naming the parent finds the same derivative.
     assert client.put("/models/idem/aliases/champion", json={"version": 1}).status_code == 200
     assert client.post("/models/idem/versions/champion/optimize").json()["version"]["version"] == 2
@@ -104,7 +105,7 @@ def test_a_tolerance_of_zero_is_rejected_and_leaves_no_version(client: TestClien
     assert body["title"] == "Model rejected"
     assert "'y'" in body["detail"] and "tolerance of 0" in body["detail"], body
     assert body["output"] == "y" and body["check"] == "accuracy"
-    assert body["report"]["tolerance"] == 0 and len(body["report"]["checks"]) == 6  # both schemes tried
+    assert body["report"]["tolerance"] == 0 and len(body["report"]["checks"]) == 9  # every scheme tried
     assert [v.version for v in _versions(backend, "strict")] == [1]
     assert backend.registry.list_versions_by_status(VersionStatus.PENDING.value) == []
     assert backend.registry.list_versions_by_status(VersionStatus.FAILED.value) == []
@@ -198,7 +199,7 @@ def test_a_derivative_larger_or_slower_than_its_parent_is_refused(client: TestCl
 
 
 def test_goal_size_keeps_a_smaller_derivative_that_is_not_slower(client: TestClient) -> None:
-    push(client, "small", quantizable_model(seed=6))
+    push(client, "small", quantizable_model(seed=8))
     answer = client.post("/models/small/versions/1/optimize", json={"goal": "size"})
     assert answer.status_code == 201, answer.text
     report = answer.json()["report"]
@@ -231,4 +232,4 @@ def test_a_derivative_from_before_the_portable_schemes_is_not_reused(client: Tes
     answer = client.post("/models/legacy/versions/1/optimize")
     assert answer.status_code == 201, answer.text
     assert answer.json()["version"]["version"] == 3 and answer.json()["report"]["reused"] is False
-    assert answer.json()["version"]["description"].startswith("int8 dynamic quantization of v1 (s7-per-channel")
+    assert answer.json()["version"]["description"].startswith("int8 dynamic quantization of v1 (s7 weights")

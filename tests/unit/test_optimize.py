@@ -37,7 +37,7 @@ def test_an_mlp_shrinks_and_stays_within_tolerance(gemm: bool) -> None:
     assert isinstance(report, OptimizeReport)
     assert report.parent_bytes == len(parent) and report.derived_bytes == len(derived)
     assert report.derived_bytes < 0.5 * report.parent_bytes  # int8 weights are a quarter of float32
-    assert report.scheme == "s7-per-channel" and report.goal == "latency"
+    assert report.scheme == "s7" and report.goal == "latency"  # the fastest scheme, accurate enough here
     assert [(c.check, c.passed) for c in report.checks] == [
         ("portability", True), ("size", True), ("accuracy", True), ("latency", True)]
     # Kept under goal latency means the whole 99% interval of the paired speedup lies above 1.

@@ -6,6 +6,8 @@ whatever CPU runs the tests.
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -97,20 +99,17 @@ def test_the_guard_refuses_a_scheme_that_could_saturate_and_falls_back() -> None
         ("u8", "latency", True)]
 
 
-def test_the_seven_bit_scheme_is_first_and_u8_is_the_fallback_for_accuracy() -> None:
+def test_schemes_are_tried_fastest_first_and_the_first_within_tolerance_is_kept() -> None:
     parent = quantizable_model()
     signature = inspect_model_bytes(parent, Limits())
-    _, s7 = quantize(parent, signature, schemes=(S7_PER_CHANNEL,), goal="size")
-    _, u8 = quantize(parent, signature, schemes=(U8,), goal="size")
-    assert u8.max_rel_diff < s7.max_rel_diff  # 8 bits of weights are more precise than 7
-    between = (s7.max_rel_diff + u8.max_rel_diff) / 2
-    _, report = quantize(parent, signature, between, goal="size")
-    assert report.scheme == "u8"
-    assert [(c.scheme, c.check, c.passed) for c in report.checks][:4] == [
-        ("s7-per-channel", "portability", True), ("s7-per-channel", "size", True),
-        ("s7-per-channel", "accuracy", False), ("u8", "portability", True)]
-    _, report = quantize(parent, signature, s7.max_rel_diff * 1.5, goal="size")
-    assert report.scheme == "s7-per-channel"
+    diffs = [quantize(parent, signature, 1.0, schemes=(scheme,), goal="size")[1].max_rel_diff for scheme in SCHEMES]
+    assert [scheme.name for scheme in SCHEMES] == ["s7", "s7-per-channel", "u8"]
+    assert diffs[0] > diffs[1] > diffs[2]  # here each later scheme is more precise than the one before
+    for kept, (looser, tighter) in enumerate(itertools.pairwise([1.0, *diffs])):
+        _, report = quantize(parent, signature, (looser + tighter) / 2, goal="size")
+        assert report.scheme == SCHEMES[kept].name
+        refused = [c.scheme for c in report.checks if c.check == "accuracy" and not c.passed]
+        assert refused == [scheme.name for scheme in SCHEMES[:kept]]
 
 
 def test_a_model_that_int8_ruins_is_refused_on_every_cpu() -> None:
@@ -119,12 +118,11 @@ def test_a_model_that_int8_ruins_is_refused_on_every_cpu() -> None:
         quantize(parent, inspect_model_bytes(parent, Limits()))
     problem = raised.value
     assert problem.extra["check"] == "accuracy" and problem.extra["output"] == "y"
-    assert "with u8 weights" in problem.detail and "with s7-per-channel weights" in problem.detail
+    assert all(f"with {scheme.name} weights" in problem.detail for scheme in SCHEMES)
     report = problem.extra["report"]
     assert [(c["scheme"], c["check"], c["passed"]) for c in report["checks"]] == [
-        ("s7-per-channel", "portability", True), ("s7-per-channel", "size", True),
-        ("s7-per-channel", "accuracy", False),
-        ("u8", "portability", True), ("u8", "size", True), ("u8", "accuracy", False)]
+        (scheme.name, check, check != "accuracy") for scheme in SCHEMES
+        for check in ("portability", "size", "accuracy")]
     # The loss is the arithmetic's, not a CPU's: exact and saturating kernels agree on it.
     derived = quantize_weights(parent, S7_PER_CHANNEL)
     reference = ort.InferenceSession(parent, providers=["CPUExecutionProvider"])

@@ -469,7 +469,8 @@ def _print_optimized(name: str, result: dict[str, Any]) -> None:
     how = "already optimized as" if report.get("reused") else "optimized into"
     scheme = f", {report['scheme']} weights" if report.get("scheme") else ""
     out.print(f"{name} version {report.get('parent_version', version.get('parent_version'))} {how} version "
-              f"{version.get('version')} (int8 dynamic quantization{scheme}): {version.get('status')}", markup=False)
+              f"{version.get('version')} (int8 dynamic quantization{scheme}): {version.get('status')}", markup=False,
+              soft_wrap=True)
     table = Table("", "parent", "int8", "change", box=None, pad_edge=False)
     parent_bytes, derived_bytes = report.get("parent_bytes"), report.get("derived_bytes")
     ratio = (f"{derived_bytes / parent_bytes:.2f}x" if isinstance(parent_bytes, int) and parent_bytes

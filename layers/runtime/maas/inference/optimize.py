@@ -138,6 +138,7 @@ class _Candidate:
     data: bytes
     comparisons: tuple[OutputComparison, ...] = ()
     checks: tuple[Check, ...] = ()
+    session: ort.InferenceSession | None = None  # loaded for the accuracy check, reused for timing
 
     @property
     def name(self) -> str:
@@ -185,26 +186,26 @@ def quantize(model_bytes: bytes, signature: Signature, tolerance: float = DEFAUL
         inputs = "zeros"
     names = [spec.name for spec in signature.outputs]
     parent_out = [_run(parent, names, feed, "the parent model") for feed in feeds]
-    settings = _Settings(signature, feeds, parent_out, tolerance, min_agreement, limits, len(model_bytes))
+    baseline = _Baseline(signature, feeds, parent_out, tolerance, min_agreement, limits, len(model_bytes))
 
     tried: list[_Candidate] = []
     options: list[tuple[Scheme | None, bytes | None]] = [(None, derived)] if derived is not None else \
         [(scheme, None) for scheme in schemes]
     for scheme, given in options:
         data = given if given is not None else _derive(model_bytes, scheme)
-        candidate = _assess(_Candidate(scheme, data), settings)
+        candidate = _assess(_Candidate(scheme, data), baseline)
         tried.append(candidate)
         if candidate.failure is None or candidate.failure.check == "size":
             break  # every scheme's weights take the same bytes: none is smaller where one is not
     kept = tried[-1]
     if kept.failure is not None:
-        _reject(tried, settings, goal, inputs, batch, samples)
-    derived_session = _session(kept.data, "the int8 model")
+        _reject(tried, baseline, goal, inputs, batch, samples)
+    derived_session = kept.session or _session(kept.data, "the int8 model")
     speed = compare_speed(lambda i: parent.run(names, feeds[i]), lambda i: derived_session.run(names, feeds[i]),
                           len(feeds))
     latency = _latency_check(speed, goal, kept.name)
     checks = (*(check for candidate in tried for check in candidate.checks), latency)
-    report = _report(kept, settings, speed, checks, goal=goal, inputs=inputs, batch=batch, samples=samples)
+    report = _report(kept, baseline, speed, checks, goal=goal, inputs=inputs, batch=batch, samples=samples)
     if not latency.passed:
         raise ModelRejected(latency.detail, extra={"check": "latency", "report": report.as_dict()})
     return kept.data, report
@@ -214,7 +215,7 @@ def quantize(model_bytes: bytes, signature: Signature, tolerance: float = DEFAUL
 
 
 @dataclass(frozen=True)
-class _Settings:
+class _Baseline:
     """What every candidate is measured against (the parent's outputs are computed once)."""
 
     signature: Signature
@@ -236,12 +237,12 @@ def _derive(model_bytes: bytes, scheme: Scheme | None) -> bytes:
     return data
 
 
-def _assess(candidate: _Candidate, settings: _Settings) -> _Candidate:
+def _assess(candidate: _Candidate, baseline: _Baseline) -> _Candidate:
     """Portability, then size, then accuracy: the candidate with its checks (stopping at a failure)."""
     with_scheme = f" with {candidate.name} weights" if candidate.name else ""
-    if len(candidate.data) > settings.limits.max_model_bytes:
+    if len(candidate.data) > baseline.limits.max_model_bytes:
         raise ModelRejected(f"the int8 model is {len(candidate.data)} bytes, over the limit of "
-                            f"{settings.limits.max_model_bytes} bytes")
+                            f"{baseline.limits.max_model_bytes} bytes")
     try:
         risks = saturation_risks(onnx.load_from_string(candidate.data))
     except Exception:
@@ -251,28 +252,28 @@ def _assess(candidate: _Candidate, settings: _Settings) -> _Candidate:
         else "every integer matrix product is exact on every CPU (no 16-bit saturation)"), candidate.name)
     if not portable.passed:
         return _with(candidate, portable)
-    smaller = len(candidate.data) < settings.parent_bytes
+    smaller = len(candidate.data) < baseline.parent_bytes
     size = Check("size", smaller, (
-        f"{_bytes(settings.parent_bytes)} -> {_bytes(len(candidate.data))} "
-        f"({len(candidate.data) / settings.parent_bytes:.2f}x)" if smaller else
+        f"{_bytes(baseline.parent_bytes)} -> {_bytes(len(candidate.data))} "
+        f"({len(candidate.data) / baseline.parent_bytes:.2f}x)" if smaller else
         f"the int8 model{with_scheme} is not smaller than its parent: {_bytes(len(candidate.data))} against "
-        f"{_bytes(settings.parent_bytes)} (quantizing adds more graph than it saves in weights)"), candidate.name)
+        f"{_bytes(baseline.parent_bytes)} (quantizing adds more graph than it saves in weights)"), candidate.name)
     if not size.passed:
         return _with(candidate, portable, size)
     session = _session(candidate.data, "the int8 model")
-    names = [spec.name for spec in settings.signature.outputs]
-    derived_out = [_run(session, names, feed, "the int8 model") for feed in settings.feeds]
+    names = [spec.name for spec in baseline.signature.outputs]
+    derived_out = [_run(session, names, feed, "the int8 model") for feed in baseline.feeds]
     comparisons = tuple(
-        _compare(spec, [run[i] for run in settings.parent_out], [run[i] for run in derived_out],
-                 settings.tolerance, settings.min_agreement)
-        for i, spec in enumerate(settings.signature.outputs)
+        _compare(spec, [run[i] for run in baseline.parent_out], [run[i] for run in derived_out],
+                 baseline.tolerance, baseline.min_agreement)
+        for i, spec in enumerate(baseline.signature.outputs)
     )
     failed = next((comparison for comparison in comparisons if not comparison.passed), None)
     accuracy = Check("accuracy", failed is None, (
-        _rejection(failed, settings.tolerance, settings.min_agreement, with_scheme) if failed is not None else
-        f"every output within tolerance {settings.tolerance:g} (max relative diff "
+        _rejection(failed, baseline.tolerance, baseline.min_agreement, with_scheme) if failed is not None else
+        f"every output within tolerance {baseline.tolerance:g} (max relative diff "
         f"{max((c.max_rel_diff or 0.0 for c in comparisons), default=0.0):.4g})"), candidate.name)
-    return _Candidate(candidate.scheme, candidate.data, comparisons, (portable, size, accuracy))
+    return _Candidate(candidate.scheme, candidate.data, comparisons, (portable, size, accuracy), session)
 
 
 def _with(candidate: _Candidate, *checks: Check) -> _Candidate:
@@ -289,7 +290,7 @@ def _latency_check(speed: SpeedComparison, goal: str, scheme: str) -> Check:
     return Check("latency", verdict, speed.describe() if verdict else f"{failed}: {speed.describe()}", scheme)
 
 
-def _reject(tried: list[_Candidate], settings: _Settings, goal: str, inputs: str, batch: int,
+def _reject(tried: list[_Candidate], baseline: _Baseline, goal: str, inputs: str, batch: int,
             samples: int) -> None:
     """Every scheme failed a check: ModelRejected naming the last failure (and the others before it)."""
     failures = [candidate.failure for candidate in tried if candidate.failure is not None]
@@ -298,8 +299,8 @@ def _reject(tried: list[_Candidate], settings: _Settings, goal: str, inputs: str
         [last.detail, *(f"also {failure.detail}" for failure in failures[:-1])])
     kept = tried[-1]
     report = {
-        "method": METHOD, "scheme": kept.name, "goal": goal, "parent_bytes": settings.parent_bytes,
-        "derived_bytes": len(kept.data), "tolerance": settings.tolerance, "min_agreement": settings.min_agreement,
+        "method": METHOD, "scheme": kept.name, "goal": goal, "parent_bytes": baseline.parent_bytes,
+        "derived_bytes": len(kept.data), "tolerance": baseline.tolerance, "min_agreement": baseline.min_agreement,
         "samples": samples, "batch": batch, "inputs": inputs,
         "outputs": [asdict(comparison) for comparison in kept.comparisons],
         "checks": [asdict(check) for candidate in tried for check in candidate.checks],
@@ -311,7 +312,7 @@ def _reject(tried: list[_Candidate], settings: _Settings, goal: str, inputs: str
     raise ModelRejected(detail, extra=extra)
 
 
-def _report(kept: _Candidate, settings: _Settings, speed: SpeedComparison, checks: tuple[Check, ...], *,
+def _report(kept: _Candidate, baseline: _Baseline, speed: SpeedComparison, checks: tuple[Check, ...], *,
             goal: str, inputs: str, batch: int, samples: int) -> OptimizeReport:
     floats = [c for c in kept.comparisons if c.kind == "float"]
     exact = [c for c in kept.comparisons if c.kind == "exact"]
@@ -319,7 +320,7 @@ def _report(kept: _Candidate, settings: _Settings, speed: SpeedComparison, check
         method=METHOD,
         scheme=kept.name,
         goal=goal,
-        parent_bytes=settings.parent_bytes,
+        parent_bytes=baseline.parent_bytes,
         derived_bytes=len(kept.data),
         parent_p50_ms=speed.parent_p50_ms,
         derived_p50_ms=speed.derived_p50_ms,
@@ -329,12 +330,12 @@ def _report(kept: _Candidate, settings: _Settings, speed: SpeedComparison, check
         max_abs_diff=max((c.max_abs_diff or 0.0 for c in floats), default=0.0),
         max_rel_diff=max((c.max_rel_diff or 0.0 for c in floats), default=0.0),
         min_agreement_seen=min((c.agreement if c.agreement is not None else 1.0 for c in exact), default=1.0),
-        tolerance=settings.tolerance,
-        min_agreement=settings.min_agreement,
+        tolerance=baseline.tolerance,
+        min_agreement=baseline.min_agreement,
         samples=samples,
         batch=batch,
         inputs=inputs,
-        compared=tuple(spec.name for spec in settings.signature.outputs),
+        compared=tuple(spec.name for spec in baseline.signature.outputs),
         outputs=kept.comparisons,
         checks=checks,
     )

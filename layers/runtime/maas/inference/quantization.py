@@ -8,12 +8,14 @@ widening multiplies) and the U8U8 kernels accumulate in 32 bits and never satura
 model can be accurate on the CPU that quantized it and 0.7 off on the one that serves it (onnxruntime's
 quantization docs and FAQ; OpenVINO documents the same defect and the same 7-bit workaround).
 
-Both schemes below make every kernel compute the exact integer result, so an accuracy check measured on
-one CPU holds on all of them (up to float rounding of the scales, ~1e-7):
+The schemes below make every kernel compute the exact integer result, so an accuracy check measured on
+one CPU holds on all of them (up to float rounding of the scales, ~1e-7). They are tried fastest first:
 
-* ``s7-per-channel``: int8 weights limited to 7 bits (``reduce_range``: values in [-64, 64], so a pair
-  sums to at most ``2 * 255 * 64 = 32640``), one scale per output channel. The fast U8S8 kernels
-  (VNNI, AVX2, AVX-512, ARM64) stay in use: the first choice.
+* ``s7``: int8 weights limited to 7 bits (``reduce_range``: values in [-64, 64], so a pair sums to at
+  most ``2 * 255 * 64 = 32640``), one scale per tensor. The fast U8S8 kernels (VNNI, AVX2, AVX-512,
+  ARM64) stay in use.
+* ``s7-per-channel``: the same with one scale per output channel: more precise where channels differ
+  in range, about 15% slower.
 * ``u8``: uint8 weights (U8U8: 16-bit operands, 32-bit sums, never saturates), one scale per tensor.
   A full 8 bits of weight precision, slower on VNNI CPUs: the fallback when 7 bits lose too much.
 
@@ -63,12 +65,14 @@ class Scheme:
     summary: str  # for people: what the scheme trades
 
 
+S7 = Scheme("s7", unsigned=False, reduce_range=True, per_channel=False,
+            summary="7-bit int8 weights per tensor (fast U8S8 kernels, exact on every CPU)")
 S7_PER_CHANNEL = Scheme("s7-per-channel", unsigned=False, reduce_range=True, per_channel=True,
                         summary="7-bit int8 weights per output channel (fast U8S8 kernels, exact on every CPU)")
 U8 = Scheme("u8", unsigned=True, reduce_range=False, per_channel=False,
             summary="uint8 weights per tensor (U8U8 kernels: 8-bit precision, exact on every CPU)")
-#: Tried in this order; the first whose outputs stay within the tolerance is kept.
-SCHEMES: tuple[Scheme, ...] = (S7_PER_CHANNEL, U8)
+#: Tried in this order (fastest first); the first whose outputs stay within the tolerance is kept.
+SCHEMES: tuple[Scheme, ...] = (S7, S7_PER_CHANNEL, U8)
 SCHEME_NAMES: frozenset[str] = frozenset(scheme.name for scheme in SCHEMES)
 #: What onnxruntime's ``quantize_dynamic`` does by default (full-range int8 weights per tensor): the
 #: settings that saturate on CPUs without VNNI. Never used by maas; tests force it to show the guard.

@@ -53,7 +53,7 @@ GOALS: tuple[str, ...] = tuple(goal.value for goal in OptimizeGoal)
 DEFAULT_GOAL = OptimizeGoal.LATENCY.value
 METHOD = "int8-dynamic"
 _MARK = "int8 dynamic quantization of v"
-#: "int8 dynamic quantization of v3 (s7-per-channel weights, max relative diff 0.0118, tolerance 0.05)"
+#: "int8 dynamic quantization of v3 (s7 weights, max relative diff 0.0118, tolerance 0.05)"
 _DESCRIPTION = re.compile(r"^int8 dynamic quantization of v(\d+)(?![0-9])(?: \(([a-z0-9-]+) weights\b)?")
 
 

@@ -33,7 +33,7 @@ class OptimizeVersion(BaseModel):
 class OptimizedVersion(BaseModel):
     version: ModelVersion = Field(description="The derived (int8) version, READY, with parent_version set")
     report: dict[str, Any] = Field(
-        description="method, scheme (weights: s7-per-channel or u8), goal, reused, parent_version, version, "
+        description="method, scheme (weights: s7, s7-per-channel or u8), goal, reused, parent_version, version, "
                     "parent_bytes, derived_bytes, size_ratio, parent_p50_ms, derived_p50_ms, speedup, "
                     "speedup_interval (99%), timing_pairs, max_abs_diff, max_rel_diff, tolerance, min_agreement, "
                     "samples, batch, inputs, compared, outputs (per-output comparison), checks (portability, "
