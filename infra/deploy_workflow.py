@@ -26,6 +26,7 @@ from constructs import Construct
 from infra.config import StageConfig, log_retention
 from maas.services.deploy import (
     DONE_PATH,
+    EXECUTION_TIMEOUT_SECONDS,
     LOOP_CHOICE_AFTER,
     LOOP_START,
     ROLLBACK,
@@ -40,7 +41,7 @@ SUCCEEDED_STATE = "Deployed"
 WAIT_STATE = "Bake"
 CHOICE_STATE = "TrafficFullyShifted"
 FAILURE_PATH = "$.failure"  # where Catch puts {"Error", "Cause"}: StepInput.failure
-EXECUTION_TIMEOUT = Duration.days(1)
+EXECUTION_TIMEOUT = Duration.seconds(EXECUTION_TIMEOUT_SECONDS)  # deploys bake at most MAX_TOTAL_BAKE_SECONDS
 
 
 def state_name_of(name: str) -> str:

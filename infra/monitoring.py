@@ -102,6 +102,16 @@ class Monitoring(Construct):
                 treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
                 alarm_description="a deploy failed and was rolled back",
             ),
+            # A timed-out execution skips its Catch: no rollback ran, the deployment may still be
+            # IN_PROGRESS with canary traffic (deploys bake at most MAX_TOTAL_BAKE_SECONDS to avoid it).
+            "TimedOutDeploys": state_machine.metric_timed_out(period=Duration.minutes(5), statistic="Sum")
+            .create_alarm(
+                self, "TimedOutDeploys", alarm_name=f"maas-{config.name}-TimedOutDeploys",
+                threshold=1, evaluation_periods=1,
+                comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD,
+                treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
+                alarm_description="a deploy workflow timed out without rolling back: roll the model back by hand",
+            ),
         }
         self.alarm_names = [f"maas-{config.name}-{key}" for key in self.alarms]
         #: what a SageMaker blue/green update rolls back on: serving errors and latency (requests to

@@ -47,7 +47,14 @@ from maas.inference.codec import decode_request
 from maas.inference.engine import InferenceEngine
 from maas.inference.smoke import SmokeTest, smoke_inputs
 from maas.ports import TargetState, TargetStatus, VersionHealth
-from maas.services.deploy import DeployWorkflow, InProcessExecutor, StepInput, StepName
+from maas.services.deploy import (
+    MAX_TOTAL_BAKE_SECONDS,
+    DeployWorkflow,
+    InProcessExecutor,
+    StepInput,
+    StepName,
+    total_bake_seconds,
+)
 from maas.services.deployments import DeploymentService
 from maas.services.health import HealthRecorder, assess
 from maas.services.models import ModelService
@@ -629,3 +636,46 @@ def test_an_optimize_step_that_cannot_improve_the_model_leaves_the_route_alone(w
     assert world.route() == (1, None, 0.0)
     assert sorted(v.version for v in world.backend.registry.list_versions("m", 10, None).items) == [1, 2]
 
+
+
+# -- the total bake bound ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("options", "field", "total"), [
+    # 10% steps: nine shifts (10% .. 90%), each baking a day: nine days
+    ({"strategy": "linear", "linear_step_percent": 10, "linear_interval_seconds": 86_400},
+     "linear_interval_seconds", 9 * 86_400),
+    ({"strategy": "linear", "linear_step_percent": 25, "bake_seconds": 30_000}, "bake_seconds", 3 * 30_000),
+    ({"strategy": "canary", "bake_seconds": MAX_TOTAL_BAKE_SECONDS + 1}, "bake_seconds", MAX_TOTAL_BAKE_SECONDS + 1),
+    ({"strategy": "all_at_once", "bake_seconds": 86_400}, "bake_seconds", 86_400),
+])
+def test_a_deploy_that_would_outlast_the_workflow_is_refused(world: World, options: dict[str, Any], field: str,
+                                                             total: int) -> None:
+    world.service.deploy("m", world.push(scale_model(1.0)).version)
+    new = world.push(scale_model(2.0))
+    with pytest.raises(InvalidInput) as raised:
+        world.service.deploy("m", new.version, **options)
+    assert raised.value.field == field and f"bake for {total} s in all" in raised.value.detail
+    assert raised.value.extra == {"total_bake_seconds": total, "max_total_bake_seconds": MAX_TOTAL_BAKE_SECONDS}
+    assert len(world.history()) == 1 and world.route() == (1, None, 0.0)  # nothing started
+
+
+def test_total_bake_follows_the_steps() -> None:
+    from maas.domain import Deployment
+
+    def total(**options: Any) -> int:
+        return total_bake_seconds(Deployment(id="d", model="m", version=2, stable_version=1, **options))
+
+    assert total(strategy=Strategy.ALL_AT_ONCE) == 0
+    assert total(strategy=Strategy.ALL_AT_ONCE, bake_seconds=60) == 60
+    assert total(strategy=Strategy.CANARY, bake_seconds=60) == 60
+    assert total(strategy=Strategy.LINEAR, linear_step_percent=10, bake_seconds=60) == 9 * 60
+    assert total(strategy=Strategy.LINEAR, linear_step_percent=30, linear_interval_seconds=7, bake_seconds=60) == 21
+    assert total(strategy=Strategy.LINEAR, linear_step_percent=100, bake_seconds=60) == 60
+    assert total(strategy=Strategy.LINEAR, linear_step_percent=33.4, bake_seconds=1) == 2  # 33.4%, 66.8%
+    # A first deploy runs as all_at_once: only its bake counts.
+    first = Deployment(id="d", model="m", version=1, stable_version=None, strategy=Strategy.LINEAR,
+                       linear_step_percent=1, linear_interval_seconds=86_400, bake_seconds=5)
+    assert total_bake_seconds(first) == 5
+    # The longest accepted: 23 h of bake leaves an hour of the one-day execution.
+    assert total(strategy=Strategy.CANARY, bake_seconds=MAX_TOTAL_BAKE_SECONDS) == MAX_TOTAL_BAKE_SECONDS

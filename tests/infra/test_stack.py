@@ -25,8 +25,10 @@ from maas.backends.aws.table import table_definition, time_to_live_specification
 from maas.errors import InvalidInput
 from maas.services.deploy import (
     DONE_PATH,
+    EXECUTION_TIMEOUT_SECONDS,
     LOOP_CHOICE_AFTER,
     LOOP_START,
+    MAX_TOTAL_BAKE_SECONDS,
     ROLLBACK,
     WAIT_AFTER,
     WAIT_SECONDS_PATH,
@@ -489,13 +491,16 @@ def test_dashboard_widgets(dev: Synthesized) -> None:
 def test_alarms_notify_the_encrypted_topic(dev: Synthesized) -> None:
     topic_id = dev.logical_id(dev.stack.monitoring.topic)
     alarms = dev.resources("AWS::CloudWatch::Alarm")
-    assert len(alarms) == 4
+    assert len(alarms) == 5
     names = {resolve(a["Properties"].get("AlarmDescription", "")) for a in alarms.values()}
     assert any("p99 latency" in n for n in names) and any("deploy failed" in n for n in names)
     for alarm in alarms.values():
         assert alarm["Properties"]["AlarmActions"] == [{"Ref": topic_id}]
     failed = [a["Properties"] for a in alarms.values() if a["Properties"].get("MetricName") == "ExecutionsFailed"]
     assert failed and failed[0]["Threshold"] == 1
+    # A timed-out execution skips Catch -> Rollback: it gets an alarm of its own.
+    timed_out = [a["Properties"] for a in alarms.values() if a["Properties"].get("MetricName") == "ExecutionsTimedOut"]
+    assert timed_out and timed_out[0]["Threshold"] == 1 and "without rolling back" in timed_out[0]["AlarmDescription"]
     latency = [a["Properties"] for a in alarms.values() if a["Properties"].get("MetricName") == "Latency"]
     assert latency and latency[0]["Threshold"] == DEV.alarm_p99_latency_ms
     topic = dev.raw["Resources"][topic_id]["Properties"]
@@ -504,3 +509,11 @@ def test_alarms_notify_the_encrypted_topic(dev: Synthesized) -> None:
     dev.template.has_resource_properties("AWS::SNS::TopicPolicy", Match.object_like({
         "PolicyDocument": Match.object_like({"Statement": Match.array_with([Match.object_like({
             "Effect": "Deny", "Condition": {"Bool": {"aws:SecureTransport": "false"}}})])})}))
+
+
+def test_the_longest_deploy_ends_before_the_execution_times_out(dev: Synthesized) -> None:
+    """Past its timeout an execution stops without Catch -> Rollback, so every deploy the API accepts
+    must bake for less than it, with room left for the steps (an hour)."""
+    timeout = state_machine_definition(dev)["TimeoutSeconds"]
+    assert timeout == EXECUTION_TIMEOUT_SECONDS
+    assert timeout >= MAX_TOTAL_BAKE_SECONDS + 3600

@@ -94,7 +94,8 @@ class StartDeployment(Body):
                                      description="Seconds the new version's health is watched before "
                                                  "promoting (default 0)")
     linear_interval_seconds: int | None = Field(default=None, ge=0, le=86_400,
-                                                description="linear: seconds between steps (default: bake_seconds)")
+                                                description="linear: seconds between steps (default: bake_seconds); "
+                                                            "all the waits of a deploy together: at most 82,800")
     optimize: bool = Field(default=False, description="Quantize the version (int8, checked against its "
                                                       "outputs) and deploy the derived version")
     thresholds: HealthThresholds | None = Field(default=None, description=(

@@ -96,6 +96,12 @@ WORKFLOW: tuple[StepSpec, ...] = (
 ROLLBACK = StepSpec(StepName.ROLLBACK, "Mark the deployment FAILED (ROLLED_BACK when judged unhealthy); "
                     "the previous stable version serves", TRANSIENT_ERRORS)
 
+#: A deploy's whole run (Step Functions' execution timeout): past it the execution stops without its
+#: Catch, so nothing would roll back. One day.
+EXECUTION_TIMEOUT_SECONDS = 86_400
+#: The most a deploy may bake in all (every wait after a traffic shift together): 23 hours, leaving an
+#: hour of the execution for the steps themselves, endpoint updates, retries and the rollback.
+MAX_TOTAL_BAKE_SECONDS = 82_800
 #: A Wait state of ``WAIT_SECONDS_PATH`` seconds follows this step (the bake, or a poll interval).
 WAIT_AFTER = StepName.SHIFT_TRAFFIC
 #: A Choice follows this step: ``DONE_PATH`` true -> the next step (promote), false -> ``LOOP_START``.
@@ -540,6 +546,24 @@ def _finished(deployment: Deployment) -> bool:
     if deployment.strategy is not Strategy.LINEAR or _first_deploy(deployment):
         return True
     return deployment.canary_weight + deployment.linear_step_percent >= 100.0
+
+
+def total_bake_seconds(deployment: Deployment) -> int:
+    """How long the deployment's strategy bakes in all: the sum of the waits after each traffic shift,
+    by the same rules the steps follow (a first deploy runs as all_at_once; linear shifts until the next
+    step would reach 100%)."""
+    if not _shifts_traffic(deployment):
+        return 0
+    if deployment.strategy is not Strategy.LINEAR or _first_deploy(deployment):
+        return deployment.bake_seconds
+    shifts, weight = 0, 0.0
+    while True:
+        weight = min(weight + deployment.linear_step_percent, 100.0)
+        shifts += 1
+        if weight + deployment.linear_step_percent >= 100.0:
+            break
+    interval = deployment.linear_interval_seconds
+    return shifts * (interval if interval is not None else deployment.bake_seconds)
 
 
 def _wait_seconds(deployment: Deployment) -> int:

@@ -29,7 +29,14 @@ from maas.domain import (
 )
 from maas.errors import Conflict, InvalidInput, NotFound
 from maas.ports import DeployExecutor, EndpointTarget, HealthSource, Registry
-from maas.services.deploy import DeployWorkflow, InProcessExecutor, Optimizer, SmokeTest
+from maas.services.deploy import (
+    MAX_TOTAL_BAKE_SECONDS,
+    DeployWorkflow,
+    InProcessExecutor,
+    Optimizer,
+    SmokeTest,
+    total_bake_seconds,
+)
 from maas.services.models import ModelService
 from maas.services.pagination import all_deployments, iterate
 
@@ -39,6 +46,19 @@ log = logging.getLogger("maas.deploy")
 #: (``sagemaker``) are accepted only where one is injected.
 SUPPORTED_TARGETS = ("lambda",)
 MAX_BAKE_SECONDS = 86_400
+
+
+def _check_total_bake(deployment: Deployment) -> None:
+    """A deploy must end within the workflow's run time: past it nothing would roll back."""
+    total = total_bake_seconds(deployment)
+    if total <= MAX_TOTAL_BAKE_SECONDS:
+        return
+    linear = deployment.strategy is Strategy.LINEAR and deployment.linear_interval_seconds is not None
+    field = "linear_interval_seconds" if linear else "bake_seconds"
+    raise InvalidInput(f"this {deployment.strategy.value} deploy would bake for {total} s in all, over the limit of "
+                       f"{MAX_TOTAL_BAKE_SECONDS} s (23 h) that keeps it within the deploy workflow's run time; "
+                       "bake less, or take larger linear steps", field=field,
+                       extra={"total_bake_seconds": total, "max_total_bake_seconds": MAX_TOTAL_BAKE_SECONDS})
 
 
 def _no_smoke_test(version: ModelVersion) -> None:
@@ -116,6 +136,7 @@ class DeploymentService:
             created_by=created_by,
             **options,  # type: ignore[arg-type]
         ).with_event("started", _started_detail(ready.version, chosen_strategy, options, target))
+        _check_total_bake(deployment)
         deployment = self._registry.create_deployment(deployment)
         try:
             return self._executor.start(deployment)
