@@ -23,6 +23,12 @@ ENDPOINT_ACTIONS = (
     "sagemaker:CreateEndpoint", "sagemaker:UpdateEndpoint", "sagemaker:DescribeEndpoint",
     "sagemaker:DeleteEndpoint", "sagemaker:AddTags",
 )
+#: What undoing an endpoint's update takes (``SageMakerTarget.rollback``: back to the previous config,
+#: kept under a name of its own, or delete a first deploy's endpoint): no model creation, no PassRole.
+ROLLBACK_ACTIONS = (
+    "sagemaker:DescribeEndpoint", "sagemaker:DescribeEndpointConfig", "sagemaker:CreateEndpointConfig",
+    "sagemaker:UpdateEndpoint", "sagemaker:DeleteEndpoint", "sagemaker:AddTags",
+)
 
 
 class GpuPath(Construct):
@@ -69,6 +75,11 @@ class GpuPath(Construct):
             actions=["iam:PassRole"], resources=[self.execution_role.role_arn],
             conditions={"StringEquals": {"iam:PassedToService": "sagemaker.amazonaws.com"}},
         ))
+
+    def grant_roll_back_endpoints(self, grantee: iam.IGrantable) -> None:
+        """What the management API needs for a manual rollback of a SageMaker deployment."""
+        grantee.grant_principal.add_to_principal_policy(iam.PolicyStatement(
+            actions=list(ROLLBACK_ACTIONS), resources=self.resource_arns[1:]))
 
     def grant_invoke_endpoints(self, grantee: iam.IGrantable) -> None:
         """What the inference function needs to proxy requests to a maas endpoint."""

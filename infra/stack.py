@@ -66,10 +66,12 @@ class MaasStack(Stack):
         self.workflow = DeployWorkflow(self, "DeployWorkflow", config=config,
                                        functions=self.functions.deploy_tasks)
         self.functions.api.add_environment(ENV_STATE_MACHINE, self.workflow.state_machine.state_machine_arn)
-        for task in self.functions.deploy_tasks.values():
-            task.add_environment(ENV_SAGEMAKER_ROLE, self.gpu.execution_role.role_arn)
+        # The SageMaker target: the deploy tasks drive endpoint updates; the API accepts `target:
+        # sagemaker` and rolls such a deployment back by hand, so it gets the same configuration.
+        for function in (*self.functions.deploy_tasks.values(), self.functions.api):
+            function.add_environment(ENV_SAGEMAKER_ROLE, self.gpu.execution_role.role_arn)
             if self.gpu.image_uri:
-                task.add_environment(ENV_SAGEMAKER_IMAGE, self.gpu.image_uri)
+                function.add_environment(ENV_SAGEMAKER_IMAGE, self.gpu.image_uri)
 
         self.api = Api(self, "Api", config=config, management=self.functions.api,
                        inference=self.functions.inference_target, authorizer_function=self.functions.authorizer,
@@ -82,8 +84,8 @@ class MaasStack(Stack):
                                      state_machine=self.workflow.state_machine)
         # SageMaker's blue/green update rolls back on its own when one of these alarms fires.
         alarm_names = ",".join(self.monitoring.rollback_alarm_names)
-        for task in self.functions.deploy_tasks.values():
-            task.add_environment(ENV_ROLLBACK_ALARMS, alarm_names)
+        for function in (*self.functions.deploy_tasks.values(), self.functions.api):
+            function.add_environment(ENV_ROLLBACK_ALARMS, alarm_names)
         self._grant()
 
         outputs = {
@@ -117,6 +119,8 @@ class MaasStack(Stack):
         # a manual rollback stops the deploy's execution (named after the deployment id)
         allow(functions.api_role, ("states:StopExecution", "states:DescribeExecution"),
               [self.workflow.executions_arn])
+        # ... and puts a SageMaker endpoint back on its previous configuration
+        self.gpu.grant_roll_back_endpoints(functions.api_role)
         # Deploy tasks: registry writes, committed models read (smoke test), SageMaker endpoints.
         allow(functions.deploy_role, REGISTRY_WRITE, table_arns)
         allow(functions.deploy_role, OBJECT_READ, [models])

@@ -20,7 +20,7 @@ from infra.deploy_workflow import (
     state_name,
     state_name_of,
 )
-from infra.gpu import ENDPOINT_ACTIONS
+from infra.gpu import ENDPOINT_ACTIONS, ROLLBACK_ACTIONS
 from maas.backends.aws.table import table_definition, time_to_live_specification
 from maas.errors import InvalidInput
 from maas.services.deploy import (
@@ -37,6 +37,7 @@ from maas.services.deploy import (
 from maas.settings import (
     ENV_BUCKET,
     ENV_POOL_PATH,
+    ENV_SAGEMAKER_IMAGE,
     ENV_SAGEMAKER_ROLE,
     ENV_STATE_MACHINE,
     ENV_TABLE,
@@ -310,7 +311,12 @@ def test_api_role_manages_the_store_and_starts_deploys(dev: Synthesized) -> None
     # a manual rollback stops the execution of this state machine only
     assert allowed["states:StopExecution"] == {
         "arn:<AWS::Partition>:states:<AWS::Region>:<AWS::AccountId>:execution:maas-dev-deploy:*"}
-    assert not [a for a in allowed if a.startswith(("sagemaker:", "iam:"))]
+    # a manual rollback of a SageMaker deployment puts its endpoint back: no model creation, no PassRole
+    prefix = "arn:<AWS::Partition>:sagemaker:<AWS::Region>:<AWS::AccountId>:"
+    assert {a for a in allowed if a.startswith(("sagemaker:", "iam:"))} == set(ROLLBACK_ACTIONS)
+    for action in ROLLBACK_ACTIONS:
+        assert allowed[action] == {f"{prefix}{kind}/{SAGEMAKER_NAME_PREFIX}*"
+                                   for kind in ("endpoint-config", "endpoint")}
 
 
 def test_deploy_role_and_sagemaker_role(dev: Synthesized) -> None:
@@ -517,3 +523,20 @@ def test_the_longest_deploy_ends_before_the_execution_times_out(dev: Synthesized
     timeout = state_machine_definition(dev)["TimeoutSeconds"]
     assert timeout == EXECUTION_TIMEOUT_SECONDS
     assert timeout >= MAX_TOTAL_BAKE_SECONDS + 3600
+
+
+def test_the_api_function_gets_the_sagemaker_target(dev: Synthesized, aws_credentials: None,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The API validates `target` and rolls deployments back by hand: it must build the same SageMaker
+    target as the deploy tasks from the environment the template gives it (else `--target sagemaker`
+    answers 422 "target must be one of lambda" on a deployed stack)."""
+    from maas.backends.aws.sagemaker import sagemaker_target_from_env
+    from maas.settings import ENV_ROLLBACK_ALARMS, Settings
+
+    api = dev.raw["Resources"][dev.logical_id(dev.stack.functions.api)]["Properties"]["Environment"]["Variables"]
+    task = function_by_handler(dev, "handler.shift_traffic")["Environment"]["Variables"]
+    for key in (ENV_SAGEMAKER_ROLE, ENV_SAGEMAKER_IMAGE, ENV_ROLLBACK_ALARMS):
+        assert api[key] == task[key], key
+        monkeypatch.setenv(key, resolve(api[key]))
+    target = sagemaker_target_from_env(Settings(), "bucket")
+    assert target is not None and target.alarm_names == ("maas-dev-InferenceErrorRate", "maas-dev-ApiLatencyP99")
