@@ -115,6 +115,7 @@ class Functions(Construct):
         self.image_inference: lambda_.DockerImageFunction | None = None
         if config.container_pools:
             log_group = self._log_group("ImageInference")
+            log_group.grant_write(self.inference_role)  # the shared role writes both pools' logs and EMF
             self.image_inference = lambda_.DockerImageFunction(
                 self, "ImageInference",
                 code=lambda_.DockerImageCode.from_image_asset(

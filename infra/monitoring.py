@@ -56,12 +56,17 @@ class Monitoring(Construct):
         if config.alarm_email:
             self.topic.add_subscription(subscriptions.EmailSubscription(config.alarm_email))
 
-        primary = inference[0]
-        invocations = primary.metric_invocations(period=Duration.minutes(5), statistic="Sum")
-        errors = primary.metric_errors(period=Duration.minutes(5), statistic="Sum")
+        # every inference pool (zip and image) counts towards the error rate
+        pools = range(len(inference))
         error_rate = cloudwatch.MathExpression(
-            expression="100 * errors / MAX([invocations, 1])",
-            using_metrics={"errors": errors, "invocations": invocations},
+            expression=f"100 * ({' + '.join(f'errors{i}' for i in pools)}) / "
+                       f"MAX([{' + '.join(f'invocations{i}' for i in pools)}, 1])",
+            using_metrics={
+                **{f"errors{i}": fn.metric_errors(period=Duration.minutes(5), statistic="Sum")
+                   for i, fn in enumerate(inference)},
+                **{f"invocations{i}": fn.metric_invocations(period=Duration.minutes(5), statistic="Sum")
+                   for i, fn in enumerate(inference)},
+            },
             label="inference error rate (%)", period=Duration.minutes(5),
         )
         latency = rest_api.metric_latency(period=Duration.minutes(5), statistic="p99")

@@ -265,6 +265,18 @@ def test_container_image_inference_pool(dev: Synthesized) -> None:
     assert image_fn["Environment"]["Variables"][ENV_POOL_PATH] == "/image"
     assert image_fn["Role"] == {"Fn::GetAtt": [dev.logical_id(dev.stack.functions.inference_role), "Arn"]}
     assert "ImageUri" in image_fn["Code"]
+    # it logs (and so writes its EMF metrics) to its own log group, under the role it shares
+    log_group = resolve(image_fn["LoggingConfig"]["LogGroup"])
+    allowed = actions_on(statements_of(dev, dev.stack.functions.inference_role))
+    written = allowed["logs:PutLogEvents"]
+    assert any(log_group.rstrip(">") in resource for resource in written), (log_group, written)
+    # and its errors count towards the inference error-rate alarm, like the zip pool's
+    (alarm,) = [body["Properties"] for body in dev.resources("AWS::CloudWatch::Alarm").values()
+                if body["Properties"]["AlarmName"] == "maas-dev-InferenceErrorRate"]
+    counted = {json.dumps(query["MetricStat"]["Metric"]["Dimensions"]) for query in alarm["Metrics"]
+               if "MetricStat" in query and query["MetricStat"]["Metric"]["MetricName"] == "Errors"}
+    functions = {dev.logical_id(dev.stack.functions.inference), dev.logical_id(dev.stack.functions.image_inference)}
+    assert all(any(name in dimensions for dimensions in counted) for name in functions), counted
 
 
 # -- least privilege ----------------------------------------------------------------------------------
