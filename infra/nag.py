@@ -51,7 +51,7 @@ def acknowledge_findings(stack: MaasStack) -> None:
         "AwsSolutions-IAM5[Resource::*]":
             "X-Ray PutTraceSegments/PutTelemetryRecords, ecr:GetAuthorizationToken, cloudwatch:GetMetricData "
             "and cloudwatch:PutMetricData (conditioned on the namespace) support no resource-level permissions",
-        f"AwsSolutions-IAM5[Resource::{bucket}/*]": OBJECTS_REASON,
+        f"AwsSolutions-IAM5[Resource::{bucket}/uploads/*]": OBJECTS_REASON,
         f"AwsSolutions-IAM5[Resource::{bucket}/models/*]": OBJECTS_REASON,
         f"AwsSolutions-IAM5[Resource::{sagemaker}model/{SAGEMAKER_NAME_PREFIX}*]":
             "the deploy workflow creates one SageMaker model per GPU deployment; only maas-prefixed names",

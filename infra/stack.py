@@ -19,7 +19,7 @@ from infra.config import StageConfig, from_context
 from infra.deploy_workflow import DeployWorkflow
 from infra.functions import IMAGE_POOL_PATH, Functions
 from infra.gpu import GpuPath
-from infra.model_store import INDEX_NAME, MODELS_PREFIX, ModelStore
+from infra.model_store import INDEX_NAME, MODELS_PREFIX, UPLOADS_PREFIX, ModelStore
 from infra.monitoring import NAMESPACE, Monitoring
 from infra.nag import acknowledge_findings
 from maas.settings import (
@@ -36,8 +36,13 @@ REGISTRY_WRITE = (*REGISTRY_READ, "dynamodb:PutItem", "dynamodb:UpdateItem", "dy
                   "dynamodb:BatchWriteItem", "dynamodb:ConditionCheckItem")
 # (TransactWriteItems is not an IAM action: a transaction needs the action of each item it writes or checks.)
 OBJECT_READ = ("s3:GetObject", "s3:GetObjectVersion")
-OBJECT_WRITE = (*OBJECT_READ, "s3:PutObject", "s3:DeleteObject", "s3:DeleteObjectVersion",
-                "s3:AbortMultipartUpload", "s3:ListMultipartUploadParts")
+# Committed models: written once per version, hidden by a delete marker when deleted (the bucket's
+# lifecycle keeps the bytes for the stage's retention). No role may erase a version under models/:
+# a READY version's pinned S3 version must outlive any bug or stolen credential of the functions.
+MODEL_WRITE = (*OBJECT_READ, "s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload",
+               "s3:ListMultipartUploadParts")
+# Uploads are staging: discarding one erases every version of it.
+UPLOAD_WRITE = (*MODEL_WRITE, "s3:DeleteObjectVersion")
 BUCKET_LIST = ("s3:ListBucket", "s3:ListBucketVersions", "s3:ListBucketMultipartUploads")
 
 
@@ -103,7 +108,7 @@ class MaasStack(Stack):
         bucket, table = self.store.bucket, self.store.table
         table_arns = [table.table_arn, f"{table.table_arn}/index/{INDEX_NAME}"]
         models = bucket.arn_for_objects(f"{MODELS_PREFIX}*")
-        everything = bucket.arn_for_objects("*")
+        uploads = bucket.arn_for_objects(f"{UPLOADS_PREFIX}*")
         functions = self.functions
 
         def allow(role: iam.IRole, actions: tuple[str, ...], resources: list[str]) -> None:
@@ -112,7 +117,8 @@ class MaasStack(Stack):
         # Management API, cleanup and the optimize task (it registers a version): the whole store
         # (uploads and models) and the registry.
         for role in (functions.api_role, functions.cleanup_role, functions.optimize_role):
-            allow(role, OBJECT_WRITE, [everything])
+            allow(role, UPLOAD_WRITE, [uploads])
+            allow(role, MODEL_WRITE, [models])
             allow(role, BUCKET_LIST, [bucket.bucket_arn])
             allow(role, REGISTRY_WRITE, table_arns)
         self.workflow.state_machine.grant_start_execution(functions.api_role)

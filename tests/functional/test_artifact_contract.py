@@ -420,8 +420,12 @@ def test_s3_promote_copies_exactly_the_inspected_version(s3kit: Kit) -> None:
         s3kit.other_instance().promote(upload_id, "m", 1, sha(original))
     artifact = other.promote(upload_id, "m", 1, sha(original))
     assert other.read(artifact) == original
-    versions = s3kit.s3.list_object_versions(Bucket=TEST_BUCKET, Prefix="models/").get("Versions", [])
-    assert [v["VersionId"] for v in versions] == [artifact.version_id]  # the refused copy is gone
+    listed = s3kit.s3.list_object_versions(Bucket=TEST_BUCKET, Prefix="models/")
+    versions = listed.get("Versions", [])
+    assert [v["VersionId"] for v in versions if v["IsLatest"]] == [artifact.version_id]
+    # The refused copy is hidden behind a delete marker, not erased: no function may erase a version
+    # under models/ (the bucket's lifecycle expires it), so a pinned READY version can never be lost.
+    assert len(versions) == 2 and len(listed.get("DeleteMarkers", [])) == 1
 
 
 def test_s3_reads_are_pinned_to_the_recorded_version(s3kit: Kit) -> None:

@@ -315,7 +315,7 @@ def test_api_role_manages_the_store_and_starts_deploys(dev: Synthesized) -> None
     allowed = actions_on(statements_of(dev, dev.stack.functions.api_role))
     bucket = f"<{dev.logical_id(dev.stack.store.bucket)}.Arn>"
     for action in ("s3:PutObject", "s3:GetObjectVersion", "s3:DeleteObject", "s3:AbortMultipartUpload"):
-        assert allowed[action] == {f"{bucket}/*"}
+        assert allowed[action] == {f"{bucket}/uploads/*", f"{bucket}/models/*"}
     assert allowed["s3:ListBucketVersions"] == {bucket}
     for action in ("dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:ConditionCheckItem", "dynamodb:Query"):
         assert f"<{dev.logical_id(dev.stack.store.table)}.Arn>" in allowed[action]
@@ -552,3 +552,18 @@ def test_the_api_function_gets_the_sagemaker_target(dev: Synthesized, aws_creden
         monkeypatch.setenv(key, resolve(api[key]))
     target = sagemaker_target_from_env(Settings(), "bucket")
     assert target is not None and target.alarm_names == ("maas-dev-InferenceErrorRate", "maas-dev-ApiLatencyP99")
+
+
+def test_no_role_can_erase_a_committed_model_version(dev: Synthesized) -> None:
+    """A READY version pins an S3 version of models/...: only a delete marker may hide it (the bucket's
+    lifecycle keeps the bytes for the stage's retention). Erasing versions is for staged uploads only."""
+    bucket = f"<{dev.logical_id(dev.stack.store.bucket)}.Arn>"
+    f = dev.stack.functions
+    roles = [f.api_role, f.cleanup_role, f.optimize_role, f.deploy_role, f.inference_role, f.authorizer_role,
+             dev.stack.gpu.execution_role]
+    for role in roles:
+        allowed = actions_on(statements_of(dev, role))
+        erasable = allowed.get("s3:DeleteObjectVersion", set())
+        assert erasable <= {f"{bucket}/uploads/*"}, (dev.logical_id(role), erasable)
+    for role in (f.api_role, f.cleanup_role, f.optimize_role):  # they discard uploads
+        assert actions_on(statements_of(dev, role))["s3:DeleteObjectVersion"] == {f"{bucket}/uploads/*"}

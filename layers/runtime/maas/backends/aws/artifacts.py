@@ -355,7 +355,7 @@ class S3ArtifactStore:
             sha256, size = self._hash_object(key, new_version)
             matches = sha256 == expected_sha256
         if not matches:
-            self._delete_version(key, new_version)
+            self._hide_rejected_copy(key)
             raise Conflict(f"upload {upload_id!r} changed while it was being committed; retry the commit")
         if size is None:
             size = int(self._head(key, new_version, missing="the promoted artifact vanished").get("ContentLength") or 0)
@@ -527,16 +527,15 @@ class S3ArtifactStore:
             size += len(chunk)
         return digest.hexdigest(), size
 
-    def _delete_version(self, key: str, version_id: str | None) -> None:
-        """Remove a copy that must never be served (it did not hash to what was validated)."""
-        params: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
-        if version_id is not None:
-            params["VersionId"] = version_id
+    def _hide_rejected_copy(self, key: str) -> None:
+        """Hide a copy that must never be served (it did not hash to what was validated) behind a delete
+        marker. Its bytes stay until the bucket's noncurrent-version lifecycle removes them: no function
+        may erase a version under ``models/``, so a pinned READY version can never be lost."""
         try:
-            self.client.delete_object(**params)
+            self.client.delete_object(Bucket=self.bucket, Key=key)
         except (ClientError, BotoCoreError):
             # Unreferenced: cleanup hides it later, and reads always name a recorded version id.
-            log.exception("could not remove a rejected copy of %s", key)
+            log.exception("could not hide a rejected copy of %s", key)
 
     def _abort(self, key: str, multipart_id: str) -> None:
         try:
