@@ -15,7 +15,7 @@ from constructs import Construct
 
 from infra.bundling import REPO_ROOT
 from infra.config import StageConfig
-from maas.settings import SAGEMAKER_NAME_PREFIX
+from maas.settings import sagemaker_name_prefix
 
 ENDPOINT_ACTIONS = (
     "sagemaker:CreateModel", "sagemaker:DescribeModel", "sagemaker:DeleteModel",
@@ -33,14 +33,17 @@ ROLLBACK_ACTIONS = (
 
 class GpuPath(Construct):
     """``execution_role`` (assumed by SageMaker), ``image`` (None without container pools) and
-    ``image_uri``, ``resource_arns`` (the maas-prefixed models, endpoint configs and endpoints, in that
-    order)."""
+    ``image_uri``, ``name_prefix`` (``maas-<stage>-``), ``resource_arns`` (the stage's models, endpoint
+    configs and endpoints, in that order)."""
 
     def __init__(self, scope: Construct, construct_id: str, *, config: StageConfig) -> None:
         super().__init__(scope, construct_id)
         stack = Stack.of(self)
+        #: what this stage's SageMaker resources are named with (``maas-<stage>-``): the functions get it
+        #: as MAAS_SAGEMAKER_PREFIX, and every grant below covers only names that start with it
+        self.name_prefix = sagemaker_name_prefix(config.name)
         self.resource_arns = [
-            stack.format_arn(service="sagemaker", resource=kind, resource_name=f"{SAGEMAKER_NAME_PREFIX}*")
+            stack.format_arn(service="sagemaker", resource=kind, resource_name=f"{self.name_prefix}*")
             for kind in ("model", "endpoint-config", "endpoint")
         ]
         self.execution_role = iam.Role(
@@ -50,7 +53,7 @@ class GpuPath(Construct):
         self.execution_role.add_to_policy(iam.PolicyStatement(
             actions=["logs:CreateLogGroup", "logs:CreateLogStream", "logs:PutLogEvents", "logs:DescribeLogStreams"],
             resources=[stack.format_arn(service="logs", resource="log-group",
-                                        resource_name="/aws/sagemaker/Endpoints/maas-*",
+                                        resource_name=f"/aws/sagemaker/Endpoints/{self.name_prefix}*",
                                         arn_format=ArnFormat.COLON_RESOURCE_NAME)],
         ))
         self.execution_role.add_to_policy(iam.PolicyStatement(

@@ -11,8 +11,6 @@ from typing import TYPE_CHECKING
 from aws_cdk import Acknowledgment, Stack, Validations
 from constructs import IConstruct
 
-from maas.settings import SAGEMAKER_NAME_PREFIX
-
 if TYPE_CHECKING:
     from infra.stack import MaasStack
 
@@ -34,6 +32,7 @@ def acknowledge_findings(stack: MaasStack) -> None:
     partition_region_account = "arn:<AWS::Partition>:{service}:<AWS::Region>:<AWS::AccountId>:"
     sagemaker = partition_region_account.format(service="sagemaker")
     bucket = _arn_of(stack, stack.store.bucket)
+    prefix = stack.gpu.name_prefix  # maas-<stage>-
 
     stack_wide = {
         "AwsSolutions-L1": "the layers are built and byte-compiled for CPython 3.12 (scripts/build_layers.py); "
@@ -53,15 +52,15 @@ def acknowledge_findings(stack: MaasStack) -> None:
             "and cloudwatch:PutMetricData (conditioned on the namespace) support no resource-level permissions",
         f"AwsSolutions-IAM5[Resource::{bucket}/uploads/*]": OBJECTS_REASON,
         f"AwsSolutions-IAM5[Resource::{bucket}/models/*]": OBJECTS_REASON,
-        f"AwsSolutions-IAM5[Resource::{sagemaker}model/{SAGEMAKER_NAME_PREFIX}*]":
-            "the deploy workflow creates one SageMaker model per GPU deployment; only maas-prefixed names",
-        f"AwsSolutions-IAM5[Resource::{sagemaker}endpoint-config/{SAGEMAKER_NAME_PREFIX}*]":
-            "one endpoint config per GPU deployment (blue/green); only maas-prefixed names",
-        f"AwsSolutions-IAM5[Resource::{sagemaker}endpoint/{SAGEMAKER_NAME_PREFIX}*]":
-            "one endpoint per GPU model, created by the deploy workflow; only maas-prefixed names",
+        f"AwsSolutions-IAM5[Resource::{sagemaker}model/{prefix}*]":
+            "the deploy workflow creates one SageMaker model per GPU deployment; only this stage's maas-<stage>- names",
+        f"AwsSolutions-IAM5[Resource::{sagemaker}endpoint-config/{prefix}*]":
+            "one endpoint config per GPU deployment (blue/green); only this stage's maas-<stage>- names",
+        f"AwsSolutions-IAM5[Resource::{sagemaker}endpoint/{prefix}*]":
+            "one endpoint per GPU model, created by the deploy workflow; only this stage's maas-<stage>- names",
         "AwsSolutions-IAM5[Resource::" + partition_region_account.format(service="logs")
-        + "log-group:/aws/sagemaker/Endpoints/maas-*]":
-            "SageMaker names each endpoint's log group after the endpoint: maas-prefixed endpoints only",
+        + f"log-group:/aws/sagemaker/Endpoints/{prefix}*]":
+            "SageMaker names each endpoint's log group after the endpoint: this stage's endpoints only",
     }
     stack_wide["AwsSolutions-IAM5[Resource::" + partition_region_account.format(service="states")
                + f"execution:maas-{stack.config.name}-deploy:*]"] = (

@@ -26,6 +26,7 @@ from maas.settings import (
     ENV_BUCKET,
     ENV_ROLLBACK_ALARMS,
     ENV_SAGEMAKER_IMAGE,
+    ENV_SAGEMAKER_PREFIX,
     ENV_SAGEMAKER_ROLE,
     ENV_STATE_MACHINE,
     ENV_TABLE,
@@ -75,6 +76,10 @@ class MaasStack(Stack):
         # sagemaker` and rolls such a deployment back by hand, so it gets the same configuration.
         for function in (*self.functions.deploy_tasks.values(), self.functions.api):
             function.add_environment(ENV_SAGEMAKER_ROLE, self.gpu.execution_role.role_arn)
+        # Every function that names a SageMaker resource (the inference pools invoke endpoints).
+        for function in (*self.functions.deploy_tasks.values(), self.functions.api, self.functions.inference,
+                         *([self.functions.image_inference] if self.functions.image_inference else [])):
+            function.add_environment(ENV_SAGEMAKER_PREFIX, self.gpu.name_prefix)
             if self.gpu.image_uri:
                 function.add_environment(ENV_SAGEMAKER_IMAGE, self.gpu.image_uri)
 

@@ -27,6 +27,7 @@ from botocore.stub import Stubber
 from maas.backends.aws import AwsBackend
 from maas.backends.aws.clients import make_client
 from maas.backends.aws.sagemaker import (
+    SageMakerInvoker,
     SageMakerTarget,
     answer_header_length,
     clean_reason,
@@ -43,7 +44,7 @@ from maas.examples import EXAMPLE_REQUEST, example_model_path
 from maas.ports import EndpointTarget, TargetState
 from maas.services.models import ModelService
 from maas.services.tokens import TokenService
-from maas.settings import ENV_ROLLBACK_ALARMS, ENV_SAGEMAKER_IMAGE, ENV_SAGEMAKER_ROLE, Settings
+from maas.settings import ENV_ROLLBACK_ALARMS, ENV_SAGEMAKER_IMAGE, ENV_SAGEMAKER_PREFIX, ENV_SAGEMAKER_ROLE, Settings
 from tests.conftest import TEST_BUCKET, TEST_TABLE
 from tests.functions import LambdaContext, api_event, load_handler
 from tests.models import InProcessValidator, scale_model
@@ -129,6 +130,32 @@ def test_names() -> None:
     assert endpoint_config_name("iris", "not-hex!") == endpoint_config_name("iris", "not-hex!")
     with pytest.raises(InvalidInput):
         endpoint_name("../etc")
+
+
+def test_a_stage_prefix_names_everything_and_is_checked() -> None:
+    deployment_id = "0123456789abcdef0123456789abcdef"
+    assert endpoint_name("iris", "maas-prod-") == "maas-prod-iris"
+    assert previous_config_name("iris", deployment_id, "maas-prod-") == "maas-prod-iris-01234567-prev"
+    longest = "maas-" + "s" * 16 + "-"  # the longest stage name the stack accepts
+    for model in ("a" * 63, "9" * 63):
+        for name in (endpoint_name(model, longest), model_resource_name(model, 999_999_999, deployment_id, longest),
+                     previous_config_name(model, deployment_id, longest)):
+            assert name.startswith(longest) and len(name) <= 63 and SAGEMAKER_NAME.fullmatch(name), name
+    for bad in ("maas-dev", "maas_dev-", "-maas-", "maas-" + "s" * 30 + "-"):
+        with pytest.raises(InvalidInput):
+            SageMakerInvoker(object(), prefix=bad)
+
+
+def test_the_stage_prefix_reaches_every_resource(world: World) -> None:
+    staged = SageMakerTarget(world.sagemaker, make_client("sagemaker-runtime"), role_arn=ROLE, image_uri=IMAGE,
+                             bucket=TEST_BUCKET, prefix="maas-dev-")
+    first = deployment(1, None)
+    staged.shift(first, world.version(1))
+    assert world.sagemaker.describe_endpoint(EndpointName="maas-dev-big")["EndpointConfigName"] == (
+        endpoint_config_name(MODEL, first.id, "maas-dev-"))
+    assert world.sagemaker.describe_model(ModelName=model_resource_name(MODEL, 1, first.id, "maas-dev-"))
+    # nothing is named for another stage (nor unprefixed, as the default target would name it)
+    assert [e["EndpointName"] for e in world.sagemaker.list_endpoints()["Endpoints"]] == ["maas-dev-big"]
 
 
 def test_content_types() -> None:
@@ -394,6 +421,7 @@ def test_invoke_answers_what_raw_onnxruntime_does(world: World) -> None:
 
 def test_factory_reads_the_stack_environment(monkeypatch: pytest.MonkeyPatch, aws_credentials: None,
                                              settings: Settings) -> None:
+    monkeypatch.delenv(ENV_SAGEMAKER_PREFIX, raising=False)
     monkeypatch.delenv(ENV_SAGEMAKER_ROLE, raising=False)
     monkeypatch.delenv(ENV_SAGEMAKER_IMAGE, raising=False)
     assert sagemaker_target_from_env(settings, TEST_BUCKET) is None
@@ -405,6 +433,10 @@ def test_factory_reads_the_stack_environment(monkeypatch: pytest.MonkeyPatch, aw
     assert target is not None
     assert (target.role_arn, target.image_uri, target.alarm_names, target.bucket) == (
         ROLE, IMAGE, ("maas-a", "maas-b"), TEST_BUCKET)
+    assert target.prefix == "maas-"  # nothing set: the unstaged prefix
+    monkeypatch.setenv(ENV_SAGEMAKER_PREFIX, "maas-dev-")
+    staged = sagemaker_target_from_env(settings, TEST_BUCKET)
+    assert staged is not None and staged.prefix == staged.invoker.prefix == "maas-dev-"
     monkeypatch.delenv(ENV_ROLLBACK_ALARMS)
     target = sagemaker_target_from_env(settings, TEST_BUCKET)
     assert target is not None and "AutoRollbackConfiguration" not in target.deployment_config(deployment(1, None))

@@ -296,7 +296,7 @@ def test_inference_role_reads_only(dev: Synthesized) -> None:
     assert allowed["s3:GetObject"] == {f"{bucket}/models/*"}
     assert allowed["dynamodb:GetItem"] == {table} and allowed["dynamodb:Query"] == {table}
     assert allowed["sagemaker:InvokeEndpoint"] == {
-        f"arn:<AWS::Partition>:sagemaker:<AWS::Region>:<AWS::AccountId>:endpoint/{SAGEMAKER_NAME_PREFIX}*"}
+        f"arn:<AWS::Partition>:sagemaker:<AWS::Region>:<AWS::AccountId>:endpoint/{SAGEMAKER_NAME_PREFIX}dev-*"}
     data_writes = {a for a in allowed if a.startswith(("s3:", "dynamodb:", "sagemaker:"))
                    and a.split(":")[1].startswith(("Put", "Delete", "Update", "BatchWrite", "Create"))}
     assert data_writes == set(), data_writes
@@ -327,7 +327,7 @@ def test_api_role_manages_the_store_and_starts_deploys(dev: Synthesized) -> None
     prefix = "arn:<AWS::Partition>:sagemaker:<AWS::Region>:<AWS::AccountId>:"
     assert {a for a in allowed if a.startswith(("sagemaker:", "iam:"))} == set(ROLLBACK_ACTIONS)
     for action in ROLLBACK_ACTIONS:
-        assert allowed[action] == {f"{prefix}{kind}/{SAGEMAKER_NAME_PREFIX}*"
+        assert allowed[action] == {f"{prefix}{kind}/{SAGEMAKER_NAME_PREFIX}dev-*"
                                    for kind in ("endpoint-config", "endpoint")}
 
 
@@ -336,7 +336,7 @@ def test_deploy_role_and_sagemaker_role(dev: Synthesized) -> None:
     allowed = actions_on(statements_of(dev, dev.stack.functions.deploy_role))
     prefix = "arn:<AWS::Partition>:sagemaker:<AWS::Region>:<AWS::AccountId>:"
     for action in ENDPOINT_ACTIONS:
-        assert allowed[action] == {f"{prefix}{kind}/{SAGEMAKER_NAME_PREFIX}*"
+        assert allowed[action] == {f"{prefix}{kind}/{SAGEMAKER_NAME_PREFIX}dev-*"
                                    for kind in ("model", "endpoint-config", "endpoint")}
     role_arn = f"<{dev.logical_id(gpu.execution_role)}.Arn>"
     assert allowed["iam:PassRole"] == {role_arn}
@@ -567,3 +567,28 @@ def test_no_role_can_erase_a_committed_model_version(dev: Synthesized) -> None:
         assert erasable <= {f"{bucket}/uploads/*"}, (dev.logical_id(role), erasable)
     for role in (f.api_role, f.cleanup_role, f.optimize_role):  # they discard uploads
         assert actions_on(statements_of(dev, role))["s3:DeleteObjectVersion"] == {f"{bucket}/uploads/*"}
+
+
+def test_each_stage_names_its_own_sagemaker_resources(dev: Synthesized, prod: Synthesized) -> None:
+    """dev and prod in one account must not share an endpoint, nor grants on each other's names: every
+    function that names a SageMaker resource gets its stage's prefix, and every grant covers only it."""
+    from maas.backends.aws.sagemaker import endpoint_config_name, endpoint_name, model_resource_name
+    from maas.settings import ENV_SAGEMAKER_PREFIX
+
+    for synth, prefix in ((dev, "maas-dev-"), (prod, "maas-prod-")):
+        assert synth.stack.gpu.name_prefix == prefix
+        f = synth.stack.functions
+        for function in (*f.deploy_tasks.values(), f.api, f.inference, f.image_inference):
+            env = synth.raw["Resources"][synth.logical_id(function)]["Properties"]["Environment"]["Variables"]
+            assert env[ENV_SAGEMAKER_PREFIX] == prefix
+        resources = {resolve(resource) for policy in synth.resources("AWS::IAM::Policy").values()
+                     for statement in policy["Properties"]["PolicyDocument"]["Statement"]
+                     for resource in (statement["Resource"] if isinstance(statement["Resource"], list)
+                                      else [statement["Resource"]])}
+        granted = {resource for resource in resources if ":sagemaker:" in resource or "/aws/sagemaker/" in resource}
+        assert len(granted) == 4 and all(resource.rsplit("/", 1)[1] == f"{prefix}*" for resource in granted), granted
+        names = (endpoint_name("fraud", prefix), endpoint_config_name("fraud", "a" * 32, prefix),
+                 model_resource_name("fraud", 3, "a" * 32, prefix))
+        assert all(name.startswith(prefix) for name in names)
+    other = endpoint_name("fraud", "maas-prod-")
+    assert not other.startswith("maas-dev-") and other != endpoint_name("fraud", "maas-dev-")

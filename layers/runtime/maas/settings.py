@@ -24,6 +24,13 @@ ENV_ROLLBACK_ALARMS = "MAAS_ROLLBACK_ALARMS"  # comma-separated CloudWatch alarm
 #: SageMaker models, endpoint configs and endpoints maas creates are named with this prefix; the stack's
 #: IAM grants cover only those names.
 SAGEMAKER_NAME_PREFIX = "maas-"
+ENV_SAGEMAKER_PREFIX = "MAAS_SAGEMAKER_PREFIX"  # the stage's SageMaker name prefix (default SAGEMAKER_NAME_PREFIX)
+
+
+def sagemaker_name_prefix(stage: str) -> str:
+    """The names a stage's SageMaker models, endpoint configs and endpoints start with: ``maas-<stage>-``,
+    so two stages in one account never share an endpoint (nor the IAM grants on its name pattern)."""
+    return f"{SAGEMAKER_NAME_PREFIX}{stage}-"
 ENV_POOL_PATH = "MAAS_POOL_PATH"  # a second inference pool's path prefix on the shared API (e.g. /image)
 
 

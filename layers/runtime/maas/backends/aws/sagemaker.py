@@ -8,20 +8,22 @@ strategy becomes SageMaker's traffic routing (``ALL_AT_ONCE``, ``CANARY``, ``LIN
 ``bake_seconds`` / ``linear_interval_seconds`` per step) and the stack's alarms its
 ``AutoRollbackConfiguration``, so SageMaker itself shifts traffic and rolls back when an alarm fires.
 
-Names (SageMaker allows 63 characters of ``[a-zA-Z0-9-]``, starting and ending with a letter or digit;
-the stack's IAM grants cover ``maas-*`` only):
+Names (SageMaker allows 63 characters of ``[a-zA-Z0-9-]``, starting and ending with a letter or digit)
+start with the stage's prefix ``<p>``: ``maas-<stage>-`` on AWS (the stack sets ``MAAS_SAGEMAKER_PREFIX``
+and grants IAM rights on ``maas-<stage>-*`` only, so two stages in one account share nothing), ``maas-``
+where nothing sets it:
 
 =================  ==========================================================================
-endpoint           ``maas-<model>``
-model              ``maas-<model>-v<version>-<short id>``
-endpoint config    ``maas-<model>-<short id>``
-previous config    ``maas-<model>-<short id>-prev``: a copy of the config the endpoint ran before
+endpoint           ``<p><model>``
+model              ``<p><model>-v<version>-<short id>``
+endpoint config    ``<p><model>-<short id>``
+previous config    ``<p><model>-<short id>-prev``: a copy of the config the endpoint ran before
                    this deployment's update (what ``rollback`` returns to)
 =================  ==========================================================================
 
 ``<short id>`` is the first 8 hex digits of the deployment id. A model name that would make a name too
 long (model names have up to 63 characters), or end it with ``-``, is cut and followed by ``-`` and the
-first 8 hex digits of its sha256: ``maas-<first characters of the model>-<hash>...``, the same for every
+first 8 hex digits of its sha256: ``<p><first characters of the model>-<hash>...``, the same for every
 call, distinct for distinct models.
 
 Idempotency: every create first looks for the resource and tolerates SageMaker's "already existing"
@@ -78,6 +80,7 @@ from maas.settings import (
     ENV_ENDPOINT,
     ENV_ROLLBACK_ALARMS,
     ENV_SAGEMAKER_IMAGE,
+    ENV_SAGEMAKER_PREFIX,
     ENV_SAGEMAKER_ROLE,
     SAGEMAKER_NAME_PREFIX,
     Settings,
@@ -91,6 +94,7 @@ WHAT = "the SageMaker endpoint service"
 WHAT_INVOKE = "the model's SageMaker endpoint"
 VARIANT = "AllTraffic"
 MAX_NAME = 63
+MAX_PREFIX = 24  # maas-<stage>-: room is left for the model, a version and a deployment id
 SHORT_ID = 8
 PREVIOUS_SUFFIX = "-prev"
 _SAGEMAKER_NAME = re.compile(r"[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}")
@@ -139,34 +143,42 @@ def _short_id(deployment_id: str) -> str:
     return hashlib.sha256(deployment_id.encode()).hexdigest()[:SHORT_ID]
 
 
-def _name(model: str, suffix: str = "") -> str:
-    """``maas-<model><suffix>``, or with the model cut and hashed where that is not a valid name."""
+def _name(model: str, suffix: str = "", prefix: str = SAGEMAKER_NAME_PREFIX) -> str:
+    """``<prefix><model><suffix>``, or with the model cut and hashed where that is not a valid name."""
     check_model_name(model, field="model")
-    full = f"{SAGEMAKER_NAME_PREFIX}{model}{suffix}"
+    full = f"{prefix}{model}{suffix}"
     if len(full) <= MAX_NAME and _SAGEMAKER_NAME.fullmatch(full):
         return full
     digest = hashlib.sha256(model.encode()).hexdigest()[:8]
-    room = MAX_NAME - len(SAGEMAKER_NAME_PREFIX) - len(suffix) - len(digest) - 1
+    room = MAX_NAME - len(prefix) - len(suffix) - len(digest) - 1
     stem = model[:room].rstrip("-")
-    name = f"{SAGEMAKER_NAME_PREFIX}{stem}-{digest}{suffix}" if stem else f"{SAGEMAKER_NAME_PREFIX}{digest}{suffix}"
+    name = f"{prefix}{stem}-{digest}{suffix}" if stem else f"{prefix}{digest}{suffix}"
     assert len(name) <= MAX_NAME and _SAGEMAKER_NAME.fullmatch(name), name
     return name
 
 
-def endpoint_name(model: str) -> str:
-    return _name(model)
+def check_name_prefix(prefix: str) -> str:
+    """A stage's name prefix (``maas-<stage>-``): a valid start of a SageMaker name, with room left."""
+    if not _SAGEMAKER_NAME.fullmatch(f"{prefix}x") or not prefix.endswith("-") or len(prefix) > MAX_PREFIX:
+        raise InvalidInput(f"the SageMaker name prefix must be letters, digits and '-', end with '-' and have at "
+                           f"most {MAX_PREFIX} characters (got {prefix!r})", field="sagemaker_prefix")
+    return prefix
 
 
-def model_resource_name(model: str, version: int, deployment_id: str) -> str:
-    return _name(model, f"-v{version}-{_short_id(deployment_id)}")
+def endpoint_name(model: str, prefix: str = SAGEMAKER_NAME_PREFIX) -> str:
+    return _name(model, prefix=prefix)
 
 
-def endpoint_config_name(model: str, deployment_id: str) -> str:
-    return _name(model, f"-{_short_id(deployment_id)}")
+def model_resource_name(model: str, version: int, deployment_id: str, prefix: str = SAGEMAKER_NAME_PREFIX) -> str:
+    return _name(model, f"-v{version}-{_short_id(deployment_id)}", prefix)
 
 
-def previous_config_name(model: str, deployment_id: str) -> str:
-    return _name(model, f"-{_short_id(deployment_id)}{PREVIOUS_SUFFIX}")
+def endpoint_config_name(model: str, deployment_id: str, prefix: str = SAGEMAKER_NAME_PREFIX) -> str:
+    return _name(model, f"-{_short_id(deployment_id)}", prefix)
+
+
+def previous_config_name(model: str, deployment_id: str, prefix: str = SAGEMAKER_NAME_PREFIX) -> str:
+    return _name(model, f"-{_short_id(deployment_id)}{PREVIOUS_SUFFIX}", prefix)
 
 
 # ---------------------------------------------------------------------------------------- small helpers
@@ -309,11 +321,12 @@ def invoke_error(error: ClientError, model: str) -> MaasError:
 class SageMakerInvoker:
     """``InvokeEndpoint`` for OIP v2 requests: all the inference function needs (it has no role or image)."""
 
-    def __init__(self, runtime_client: Any):
+    def __init__(self, runtime_client: Any, *, prefix: str = SAGEMAKER_NAME_PREFIX):
         self.runtime = runtime_client
+        self.prefix = check_name_prefix(prefix)
 
     def invoke(self, model: str, body: bytes, content_type: str) -> tuple[bytes, str]:
-        name = endpoint_name(model)
+        name = endpoint_name(model, self.prefix)
         try:
             answer = self.runtime.invoke_endpoint(EndpointName=name, Body=body, ContentType=content_type)
             payload = answer["Body"].read()
@@ -325,7 +338,8 @@ class SageMakerInvoker:
 
 
 def sagemaker_invoker_from_env() -> SageMakerInvoker:
-    return SageMakerInvoker(make_client("sagemaker-runtime", endpoint_url=os.environ.get(ENV_ENDPOINT) or None))
+    return SageMakerInvoker(make_client("sagemaker-runtime", endpoint_url=os.environ.get(ENV_ENDPOINT) or None),
+                            prefix=name_prefix_from_env())
 
 
 # ---------------------------------------------------------------------------------------------- target
@@ -342,7 +356,8 @@ class SageMakerTarget:
 
     def __init__(self, sagemaker_client: Any, runtime_client: Any, *, role_arn: str, image_uri: str,
                  instance_type: str = "ml.g5.xlarge", initial_instance_count: int = 1,
-                 alarm_names: Sequence[str] = (), bucket: str, termination_wait_s: int = 0):
+                 alarm_names: Sequence[str] = (), bucket: str, termination_wait_s: int = 0,
+                 prefix: str = SAGEMAKER_NAME_PREFIX):
         if not role_arn or not image_uri or not bucket:
             raise InvalidInput("a SageMaker target needs an execution role, an image and a bucket",
                                field="sagemaker")
@@ -354,7 +369,8 @@ class SageMakerTarget:
         if not 0 <= termination_wait_s <= MAX_WAIT_S:
             raise InvalidInput(f"termination_wait_s must be 0-{MAX_WAIT_S}", field="termination_wait_s")
         self.sagemaker = sagemaker_client
-        self.invoker = SageMakerInvoker(runtime_client)
+        self.invoker = SageMakerInvoker(runtime_client, prefix=prefix)
+        self.prefix = self.invoker.prefix
         self.role_arn = role_arn
         self.image_uri = image_uri
         self.instance_type = instance_type
@@ -369,8 +385,8 @@ class SageMakerTarget:
         """Create the deployment's SageMaker model and endpoint config, then create the endpoint or start
         its blue/green update (see the module's docstring for what makes a second call a no-op)."""
         self._check(deployment, version)
-        name = endpoint_name(deployment.model)
-        ours = endpoint_config_name(deployment.model, deployment.id)
+        name = endpoint_name(deployment.model, self.prefix)
+        ours = endpoint_config_name(deployment.model, deployment.id, self.prefix)
         endpoint = self._describe_endpoint(name)
         if endpoint is not None:
             current, pending, state = _configs(endpoint)
@@ -378,7 +394,7 @@ class SageMakerTarget:
                 if pending == ours and current not in (None, ours):
                     self._keep_previous(deployment, current)  # a crash right after UpdateEndpoint
                 return
-            if self._config_exists(previous_config_name(deployment.model, deployment.id)):
+            if self._config_exists(previous_config_name(deployment.model, deployment.id, self.prefix)):
                 return  # this deployment's update already ran (and was rolled back): never start it twice
             if state == "Failed":
                 log.warning("endpoint %s is Failed; deleting it so that it can be created again", name)
@@ -391,7 +407,7 @@ class SageMakerTarget:
                                   retry_after=30)
         deployment_config = self.deployment_config(deployment)  # refuses impossible strategies before creating
         self._create_model(deployment, version)
-        self._create_config(ours, model_resource_name(deployment.model, version.version, deployment.id),
+        self._create_config(ours, model_resource_name(deployment.model, version.version, deployment.id, self.prefix),
                             deployment)
         if endpoint is None:
             self._call("CreateEndpoint", self.sagemaker.create_endpoint, tolerate_exists=True,
@@ -413,10 +429,10 @@ class SageMakerTarget:
             self._keep_previous(deployment, current)
 
     def status(self, deployment: Deployment) -> TargetStatus:
-        endpoint = self._describe_endpoint(endpoint_name(deployment.model))
+        endpoint = self._describe_endpoint(endpoint_name(deployment.model, self.prefix))
         if endpoint is None:
             return TargetStatus(TargetState.FAILED, "the model's SageMaker endpoint does not exist")
-        ours = endpoint_config_name(deployment.model, deployment.id)
+        ours = endpoint_config_name(deployment.model, deployment.id, self.prefix)
         current, pending, state = _configs(endpoint)
         reason = clean_reason(endpoint.get("FailureReason"))
         if state in BROKEN:
@@ -426,7 +442,7 @@ class SageMakerTarget:
         if state == "InService" and current == ours and pending in (None, ours):
             return TargetStatus(TargetState.IN_SERVICE)
         if state == "InService" and (
-                self._config_exists(previous_config_name(deployment.model, deployment.id))
+                self._config_exists(previous_config_name(deployment.model, deployment.id, self.prefix))
                 or "roll" in reason.lower()):
             why = "SageMaker rolled the endpoint back to its previous configuration"
             return TargetStatus(TargetState.ROLLED_BACK, f"{why}: {reason}" if reason else why)
@@ -443,15 +459,15 @@ class SageMakerTarget:
         has no way to stop one): then this raises ``Unavailable``, to be retried, and SageMaker's
         alarm-based auto-rollback keeps guarding the update meanwhile. If the previous configuration is
         unknown this raises ``Conflict`` and leaves the endpoint as it is."""
-        name = endpoint_name(deployment.model)
+        name = endpoint_name(deployment.model, self.prefix)
         endpoint = self._describe_endpoint(name)
         if endpoint is None:
             return
-        ours = endpoint_config_name(deployment.model, deployment.id)
+        ours = endpoint_config_name(deployment.model, deployment.id, self.prefix)
         current, pending, state = _configs(endpoint)
         if ours not in (current, pending):
             return  # rolled back already (by SageMaker or an earlier call), or never shifted
-        previous = previous_config_name(deployment.model, deployment.id)
+        previous = previous_config_name(deployment.model, deployment.id, self.prefix)
         if pending == ours and current not in (None, ours):
             self._keep_previous(deployment, current)
         if self._config_exists(previous):
@@ -550,7 +566,7 @@ class SageMakerTarget:
                 {"Key": "maas:deployment", "Value": deployment.id}]
 
     def _create_model(self, deployment: Deployment, version: ModelVersion) -> None:
-        name = model_resource_name(deployment.model, version.version, deployment.id)
+        name = model_resource_name(deployment.model, version.version, deployment.id, self.prefix)
         if self._exists("DescribeModel", self.sagemaker.describe_model, ModelName=name):
             return
         assert version.sha256 is not None
@@ -579,7 +595,7 @@ class SageMakerTarget:
     def _keep_previous(self, deployment: Deployment, current: str) -> None:
         """Copy the config the endpoint runs before this deployment's update under the deployment's
         previous-config name: what ``rollback`` returns to (and the mark that the update was started)."""
-        previous = previous_config_name(deployment.model, deployment.id)
+        previous = previous_config_name(deployment.model, deployment.id, self.prefix)
         if self._config_exists(previous):
             return
         described = self._call("DescribeEndpointConfig", self.sagemaker.describe_endpoint_config,
@@ -650,6 +666,11 @@ def _configs(endpoint: Mapping[str, Any]) -> tuple[str | None, str | None, str]:
 # ---------------------------------------------------------------------------------------------- factory
 
 
+def name_prefix_from_env() -> str:
+    """The stage's prefix the stack sets (``maas-<stage>-``), else ``maas-`` (local and tests)."""
+    return os.environ.get(ENV_SAGEMAKER_PREFIX, "").strip() or SAGEMAKER_NAME_PREFIX
+
+
 def rollback_alarms_from_env() -> tuple[str, ...]:
     raw = os.environ.get(ENV_ROLLBACK_ALARMS, "")
     return tuple(name.strip() for name in raw.split(",") if name.strip())
@@ -667,4 +688,4 @@ def sagemaker_target_from_env(settings: Settings, bucket: str) -> SageMakerTarge
     return SageMakerTarget(make_client("sagemaker", endpoint_url=endpoint_url),
                            make_client("sagemaker-runtime", endpoint_url=endpoint_url),
                            role_arn=role_arn, image_uri=image_uri, alarm_names=rollback_alarms_from_env(),
-                           bucket=bucket)
+                           bucket=bucket, prefix=name_prefix_from_env())
