@@ -5,6 +5,7 @@ machine built from maas.services.deploy, the SageMaker path, and the dashboard a
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import pytest
@@ -592,3 +593,19 @@ def test_each_stage_names_its_own_sagemaker_resources(dev: Synthesized, prod: Sy
         assert all(name.startswith(prefix) for name in names)
     other = endpoint_name("fraud", "maas-prod-")
     assert not other.startswith("maas-dev-") and other != endpoint_name("fraud", "maas-dev-")
+
+
+def test_the_readme_names_the_concurrency_prod_reserves(prod: Synthesized) -> None:
+    """A fresh account's quota must fit what the template reserves (Lambda keeps 100 unreserved)."""
+    import re
+    from pathlib import Path
+
+    reserved = sum(body["Properties"].get("ReservedConcurrentExecutions", 0)
+                   for body in prod.resources("AWS::Lambda::Function").values())
+    readme = " ".join((Path(__file__).resolve().parents[2] / "README.md").read_text().split())
+    said = re.search(r"prod reserves \*\*(\d+)\*\* in all \(([^)]*)\).*?quota of at least \*\*(\d+)\*\*", readme)
+    assert said is not None
+    terms = [[int(factor) for factor in term.split(" x ")] for term in said.group(2).split(" + ")]
+    assert int(said.group(1)) == reserved == sum(math.prod(term) for term in terms)
+    assert int(said.group(3)) == reserved + 100
+    assert len(prod.stack.functions.deploy_tasks) == 7 and "each of the seven deploy-task functions" in readme
