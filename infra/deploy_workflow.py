@@ -37,6 +37,9 @@ from maas.services.deploy import (
 )
 
 FAILED_STATE = "DeployFailed"
+#: Where a rollback that could not finish ends (its retries spent, or an error it cannot retry): the
+#: deployment may still send traffic to the new version, so an alarm counts these (infra.monitoring).
+ROLLBACK_FAILED_STATE = "RollbackFailed"
 SUCCEEDED_STATE = "Deployed"
 WAIT_STATE = "Bake"
 CHOICE_STATE = "TrafficFullyShifted"
@@ -66,6 +69,10 @@ class DeployWorkflow(Construct):
         rollback = self._task(ROLLBACK, functions)
         rollback.next(sfn.Fail(self, FAILED_STATE, error="DeployFailed",
                                cause="a deploy step failed; the deployment was rolled back"))
+        rollback.add_catch(sfn.Fail(self, ROLLBACK_FAILED_STATE, error="RollbackFailed",
+                                    cause="the rollback could not finish: the model may still send traffic to "
+                                          "the new version; roll it back by hand (maas rollback)"),
+                           errors=[sfn.Errors.ALL], result_path=FAILURE_PATH)
         tasks = {step.name: self._task(step, functions) for step in WORKFLOW}
         for task in tasks.values():
             task.add_catch(rollback, errors=[sfn.Errors.ALL], result_path=FAILURE_PATH)
@@ -118,6 +125,8 @@ class DeployWorkflow(Construct):
             comment=step.description,
         )
         if step.retry_on:
-            task.add_retry(errors=list(step.retry_on), interval=Duration.seconds(2), max_attempts=4,
-                           backoff_rate=2, jitter_strategy=sfn.JitterType.FULL)
+            task.add_retry(errors=list(step.retry_on), interval=Duration.seconds(step.retry_interval_s),
+                           max_attempts=step.retry_attempts, backoff_rate=2, jitter_strategy=sfn.JitterType.FULL,
+                           max_delay=(Duration.seconds(step.retry_max_delay_s) if step.retry_max_delay_s
+                                      else None))
         return task

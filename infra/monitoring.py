@@ -16,12 +16,14 @@ from aws_cdk import aws_cloudwatch_actions as actions
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kms as kms
 from aws_cdk import aws_lambda as lambda_
+from aws_cdk import aws_logs as logs
 from aws_cdk import aws_sns as sns
 from aws_cdk import aws_sns_subscriptions as subscriptions
 from aws_cdk import aws_stepfunctions as sfn
 from constructs import Construct
 
 from infra.config import StageConfig
+from infra.deploy_workflow import ROLLBACK_FAILED_STATE
 
 NAMESPACE = "maas"
 PERIOD = Duration.minutes(1)
@@ -42,7 +44,7 @@ class Monitoring(Construct):
 
     def __init__(self, scope: Construct, construct_id: str, *, config: StageConfig, rest_api: apigw.RestApi,
                  inference: Sequence[lambda_.IFunction], management: lambda_.IFunction,
-                 state_machine: sfn.StateMachine) -> None:
+                 state_machine: sfn.StateMachine, workflow_logs: logs.ILogGroup) -> None:
         super().__init__(scope, construct_id)
         key = kms.Key(
             self, "TopicKey", enable_key_rotation=True,
@@ -116,6 +118,22 @@ class Monitoring(Construct):
                 comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD,
                 treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
                 alarm_description="a deploy workflow timed out without rolling back: roll the model back by hand",
+            ),
+            # The rollback's own Catch ends in this Fail state (infra.deploy_workflow): counted from the
+            # workflow's execution log, since ExecutionsFailed cannot tell it from a clean rollback.
+            "FailedRollbacks": logs.MetricFilter(
+                self, "RollbackFailures", log_group=workflow_logs, metric_namespace=NAMESPACE,
+                metric_name="RollbackFailures", metric_value="1", default_value=0,
+                filter_pattern=logs.FilterPattern.all(
+                    logs.FilterPattern.string_value("$.type", "=", "FailStateEntered"),
+                    logs.FilterPattern.string_value("$.details.name", "=", ROLLBACK_FAILED_STATE)),
+            ).metric(period=Duration.minutes(5), statistic="Sum").create_alarm(
+                self, "FailedRollbacks", alarm_name=f"maas-{config.name}-FailedRollbacks",
+                threshold=1, evaluation_periods=1,
+                comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD,
+                treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
+                alarm_description="a rollback could not finish: the model may still send traffic to the new "
+                                  "version; roll it back by hand",
             ),
         }
         self.alarm_names = [f"maas-{config.name}-{key}" for key in self.alarms]

@@ -91,7 +91,8 @@ class MaasStack(Stack):
             inference_functions.append(self.functions.image_inference)
         self.monitoring = Monitoring(self, "Monitoring", config=config, rest_api=self.api.rest_api,
                                      inference=inference_functions, management=self.functions.api,
-                                     state_machine=self.workflow.state_machine)
+                                     state_machine=self.workflow.state_machine,
+                                     workflow_logs=self.workflow.log_group)
         # SageMaker's blue/green update rolls back on its own when one of these alarms fires.
         alarm_names = ",".join(self.monitoring.rollback_alarm_names)
         for function in (*self.functions.deploy_tasks.values(), self.functions.api):

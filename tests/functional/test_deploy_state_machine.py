@@ -56,6 +56,8 @@ class Aws:
     invocations: list[str]
     #: cleared: Lambda holds every task until it is set again (a slow cold start, a long model load)
     running: threading.Event
+    #: entries whose Lambda dies (a timeout of the function, not an error of the step)
+    crashing: set[str]
 
     def executions(self) -> list[dict[str, Any]]:
         client = boto3.client("stepfunctions")
@@ -70,6 +72,7 @@ def aws(aws_credentials: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, 
 
     _serialize_moto_dynamodb(monkeypatch)
     invocations: list[str] = []
+    crashing: set[str] = set()
     modules: dict[str, ModuleType] = {}
     running = threading.Event()
     running.set()
@@ -82,6 +85,10 @@ def aws(aws_credentials: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, 
         running.wait(30)
         invocations.append(entry)
         event = json.loads(body) if body else {}
+        if entry in crashing:
+            response_headers["x-amz-function-error"] = "Unhandled"
+            return json.dumps({"errorMessage": "Task timed out after 300.00 seconds",
+                               "errorType": "Sandbox.Timedout"}).encode()
         try:
             result = getattr(modules["deploy"], entry)(event, LambdaContext(function_name=function_name))
         except Exception as error:
@@ -105,7 +112,7 @@ def aws(aws_credentials: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, 
         modules["deploy"] = load_handler("deploy", "maas_fn_deploy_steps")
         backend = AwsBackend.from_env(settings, validator=InProcessValidator(settings))
         _, token = TokenService(backend.registry).create("admin", ["admin"], created_by="test")
-        yield Aws(backend, modules["deploy"], arn, token, invocations, running)
+        yield Aws(backend, modules["deploy"], arn, token, invocations, running, crashing)
         running.set()
 
 
@@ -123,6 +130,30 @@ def finished(client: TestClient, deployment_id: str, timeout: float = 30.0) -> d
         if body["status"] != "IN_PROGRESS" or time.monotonic() > deadline:
             return body
         time.sleep(0.05)
+
+
+def test_a_rollback_that_cannot_finish_ends_in_its_own_fail_state(aws: Aws, api: TestClient) -> None:
+    """The Rollback task has a Catch of its own: a rollback Lambda that dies ends the execution in
+    RollbackFailed (which the FailedRollbacks alarm counts), not in the clean DeployFailed."""
+    push(api, "m", scale_model(1.0))
+    assert finished(api, api.post("/models/m/deployments", json={"version": 1}).json()["id"])["status"] == "SUCCEEDED"
+    broken = push(api, "m", scale_model(2.0), create=False)
+    break_artifact(aws.backend, broken)
+    aws.crashing.add("rollback")
+    started = api.post("/models/m/deployments", json={"version": 2})
+    assert started.status_code == 202
+    client = boto3.client("stepfunctions")
+    deadline = time.monotonic() + 20
+    while any(e["status"] == "RUNNING" for e in aws.executions()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    failed = [e for e in aws.executions() if e["status"] == "FAILED"]
+    assert len(failed) == 1, aws.executions()
+    history = client.get_execution_history(executionArn=failed[0]["executionArn"])["events"]
+    entered = [e["stateEnteredEventDetails"]["name"] for e in history if e["type"] == "FailStateEntered"]
+    assert entered == ["RollbackFailed"]
+    assert aws.invocations[-2:] == ["smoke_test", "rollback"]
+    # The deployment is left as the rollback found it: in flight, for the alarm and a manual rollback.
+    assert api.get(f"/deployments/{started.json()['id']}").json()["status"] == "IN_PROGRESS"
 
 
 def test_the_state_machine_deploys_and_rolls_back(aws: Aws, api: TestClient) -> None:

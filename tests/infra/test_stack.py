@@ -16,6 +16,7 @@ from infra.deploy_workflow import (
     CHOICE_STATE,
     FAILED_STATE,
     FAILURE_PATH,
+    ROLLBACK_FAILED_STATE,
     SUCCEEDED_STATE,
     WAIT_STATE,
     state_name,
@@ -453,7 +454,8 @@ def test_state_machine_is_the_step_list(dev: Synthesized) -> None:
     states = definition["States"]
     forward = [state_name(step) for step in WORKFLOW]
     assert definition["StartAt"] == forward[0]
-    assert set(states) == {*forward, state_name(ROLLBACK), SUCCEEDED_STATE, FAILED_STATE, WAIT_STATE, CHOICE_STATE}
+    assert set(states) == {*forward, state_name(ROLLBACK), SUCCEEDED_STATE, FAILED_STATE, WAIT_STATE, CHOICE_STATE,
+                           ROLLBACK_FAILED_STATE}
     tasks = dev.stack.functions.deploy_tasks
     for index, step in enumerate(WORKFLOW):
         state = states[state_name(step)]
@@ -477,8 +479,18 @@ def test_state_machine_is_the_step_list(dev: Synthesized) -> None:
         assert set(step.retry_on) <= retried
     rollback = states[state_name(ROLLBACK)]
     assert rollback["Resource"] == f"<{dev.logical_id(tasks[ROLLBACK.name.value])}.Arn>"
-    assert rollback["Next"] == FAILED_STATE and "Catch" not in rollback
-    assert states[FAILED_STATE]["Type"] == "Fail"
+    assert rollback["Next"] == FAILED_STATE and states[FAILED_STATE]["Type"] == "Fail"
+    # A rollback SageMaker keeps waiting (an endpoint update runs) retries long enough to outlast it...
+    (patient,) = [retry for retry in rollback["Retry"] if "Unavailable" in retry["ErrorEquals"]]
+    assert (patient["IntervalSeconds"], patient["MaxAttempts"], patient["MaxDelaySeconds"]) == (30, 25, 120)
+    assert ROLLBACK.worst_retry_seconds() >= 45 * 60
+    # ... within the hour the bake bound leaves of the execution
+    assert MAX_TOTAL_BAKE_SECONDS + ROLLBACK.worst_retry_seconds() < EXECUTION_TIMEOUT_SECONDS
+    # ... and one that cannot finish ends in a Fail state of its own, which an alarm counts
+    assert rollback["Catch"] == [{"ErrorEquals": ["States.ALL"], "ResultPath": FAILURE_PATH,
+                                  "Next": ROLLBACK_FAILED_STATE}]
+    assert states[ROLLBACK_FAILED_STATE]["Type"] == "Fail"
+    assert states[ROLLBACK_FAILED_STATE]["Error"] == "RollbackFailed"
 
 
 def test_state_machine_is_standard_logged_and_traced(dev: Synthesized) -> None:
@@ -510,7 +522,13 @@ def test_dashboard_widgets(dev: Synthesized) -> None:
 def test_alarms_notify_the_encrypted_topic(dev: Synthesized) -> None:
     topic_id = dev.logical_id(dev.stack.monitoring.topic)
     alarms = dev.resources("AWS::CloudWatch::Alarm")
-    assert len(alarms) == 5
+    assert len(alarms) == 6
+    (rollbacks,) = [a["Properties"] for a in alarms.values() if a["Properties"].get("MetricName") == "RollbackFailures"]
+    (metric_filter,) = dev.resources("AWS::Logs::MetricFilter").values()
+    assert metric_filter["Properties"]["LogGroupName"] == {"Ref": dev.logical_id(dev.stack.workflow.log_group)}
+    assert ROLLBACK_FAILED_STATE in metric_filter["Properties"]["FilterPattern"]
+    assert metric_filter["Properties"]["MetricTransformations"][0]["MetricName"] == "RollbackFailures"
+    assert rollbacks["Threshold"] == 1 and "by hand" in rollbacks["AlarmDescription"]
     names = {resolve(a["Properties"].get("AlarmDescription", "")) for a in alarms.values()}
     assert any("p99 latency" in n for n in names) and any("deploy failed" in n for n in names)
     for alarm in alarms.values():

@@ -73,6 +73,16 @@ class StepSpec:
     name: StepName
     description: str
     retry_on: tuple[str, ...]
+    #: Step Functions' Retry for ``retry_on``: first wait, attempts after the first, the cap of a wait
+    retry_interval_s: int = 2
+    retry_attempts: int = 4
+    retry_max_delay_s: int | None = None
+
+    def worst_retry_seconds(self) -> int:
+        """The longest all retries can wait (backoff doubling up to ``retry_max_delay_s``)."""
+        waits = (self.retry_interval_s * 2 ** attempt for attempt in range(self.retry_attempts))
+        cap = self.retry_max_delay_s
+        return sum(wait if cap is None else min(wait, cap) for wait in waits)
 
 
 #: Errors that say "try again shortly" (throttled or unavailable storage): the class names in
@@ -93,8 +103,12 @@ WORKFLOW: tuple[StepSpec, ...] = (
     StepSpec(StepName.PROMOTE, "Send all traffic to the version: the deployment SUCCEEDED",
              TRANSIENT_ERRORS),
 )
+#: A rollback waits out what keeps it from acting: SageMaker refuses to change an endpoint while an
+#: update runs (``Unavailable``), and updates of GPU fleets take minutes. It retries for up to ~48
+#: minutes (30 s, 60 s, then every 2 min), inside the hour the bake bound leaves of the execution.
 ROLLBACK = StepSpec(StepName.ROLLBACK, "Mark the deployment FAILED (ROLLED_BACK when judged unhealthy); "
-                    "the previous stable version serves", TRANSIENT_ERRORS)
+                    "the previous stable version serves", TRANSIENT_ERRORS,
+                    retry_interval_s=30, retry_attempts=25, retry_max_delay_s=120)
 
 #: A deploy's whole run (Step Functions' execution timeout): past it the execution stops without its
 #: Catch, so nothing would roll back. One day.
