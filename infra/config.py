@@ -10,6 +10,7 @@ field's name instead of deploying a half-configured stack. ``cdk.json`` holds th
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from aws_cdk import aws_logs as logs
@@ -66,8 +67,8 @@ class StageConfig(BaseModel):
     alarm_email: str | None = Field(default=None, pattern=r"^[^@\s]+@[^@\s]+$")
 
     # Container-image assets (the image inference pool and the SageMaker GPU image) need Docker on the
-    # machine that runs `cdk deploy`; false leaves both out.
-    container_pools: bool = True
+    # machine that runs `cdk deploy`: opt-in, so a stage deploys from any machine by default.
+    container_pools: bool = False
     cleanup_every_minutes: int = Field(default=60, ge=5)
 
     @field_validator("log_retention_days")
@@ -126,6 +127,12 @@ def from_context(try_get_context: Any) -> StageConfig:
     """Read the stage from a construct's ``node.try_get_context``."""
     stage = try_get_context(STAGE_CONTEXT_KEY) or "dev"
     stages = try_get_context(STAGES_CONTEXT_KEY) or {}
+    if isinstance(stages, str):  # `-c 'maas:stages={"dev": {...}}'` on the command line arrives as text
+        try:
+            stages = json.loads(stages)
+        except ValueError:
+            raise InvalidInput(f"cdk context {STAGES_CONTEXT_KEY} must be a JSON object",
+                               field=STAGES_CONTEXT_KEY) from None
     if not isinstance(stages, dict):
         raise InvalidInput(f"cdk context {STAGES_CONTEXT_KEY} must be an object", field=STAGES_CONTEXT_KEY)
     return stage_config(str(stage), stages)

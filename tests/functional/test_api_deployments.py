@@ -81,7 +81,9 @@ def test_deploy_errors(client: TestClient) -> None:
         assert_problem(client.post("/models/m/deployments", json={"version": 1, "strategy": "canary", **bad}), 422,
                        field)
     # no SageMaker target on this server: refused, naming the field
-    assert_problem(client.post("/models/m/deployments", json={"version": 1, "target": "sagemaker"}), 422, "target")
+    refused = client.post("/models/m/deployments", json={"version": 1, "target": "sagemaker"})
+    assert_problem(refused, 422, "target")
+    assert "no SageMaker target" in refused.json()["detail"] and "container pools" in refused.json()["detail"]
     assert_problem(client.post("/models/m/deployments", json={"version": 1, "target": "mars"}), 422, "target")
     assert_problem(client.post("/models/m/deployments", json={}), 422, "version")
     assert_problem(client.post("/models/m/rollback"), 409)

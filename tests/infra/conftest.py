@@ -44,8 +44,12 @@ class Synthesized:
         return self.stack.get_logical_id(construct.node.default_child)
 
 
-def synthesize(stage: str) -> Synthesized:
-    app, stack = build_app(cdk_context(**{"maas:stage": stage}), nag=False)
+#: what opting a stage into container pools looks like in cdk.json (or `-c 'maas:stages={...}'`)
+WITH_POOLS = {"maas:stages": {"dev": {"container_pools": True}}}
+
+
+def synthesize(stage: str, **extra: Any) -> Synthesized:
+    app, stack = build_app(cdk_context(**{"maas:stage": stage}, **extra), nag=False)
     assembly = app.synth()
     return Synthesized(stack, assembly.get_stack_by_name(stack.stack_name).template)
 
@@ -58,3 +62,9 @@ def dev() -> Iterator[Synthesized]:
 @pytest.fixture(scope="session")
 def prod() -> Iterator[Synthesized]:
     yield synthesize("prod")
+
+
+@pytest.fixture(scope="session")
+def pools() -> Iterator[Synthesized]:
+    """dev with container pools on: the image inference pool and the SageMaker GPU image."""
+    yield synthesize("dev", **WITH_POOLS)

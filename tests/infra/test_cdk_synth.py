@@ -24,18 +24,29 @@ def tree_bytes(root: Path) -> int:
     return sum(path.stat().st_size for path in root.rglob("*") if path.is_file())
 
 
-@pytest.fixture(scope="module")
-def cloud_assembly(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("cdk.out")
+def cdk_synth(out: Path, *context: str) -> Path:
+    """`npx cdk synth` as a user runs it (the pinned CLI, cdk.json, real Docker-free bundling)."""
     cdk = REPO / "node_modules" / ".bin" / "cdk"
     assert cdk.exists(), "the pinned CDK CLI is missing: run `npm ci` (make install-dev does)"
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "CDK_DISABLE_VERSION_CHECK": "1", "JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION": "1",
            "CDK_DISABLE_CLI_TELEMETRY": "true"}
-    completed = subprocess.run([str(cdk), "synth", "--quiet", "--output", str(out)], cwd=REPO, env=env,
-                               capture_output=True, text=True, timeout=900, check=False)
+    arguments = [argument for value in context for argument in ("-c", value)]
+    completed = subprocess.run([str(cdk), "synth", "--quiet", "--output", str(out), *arguments], cwd=REPO,
+                               env=env, capture_output=True, text=True, timeout=900, check=False)
     assert completed.returncode == 0, (completed.stdout + completed.stderr)[-6000:]
     return out
+
+
+@pytest.fixture(scope="module")
+def cloud_assembly(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return cdk_synth(tmp_path_factory.mktemp("cdk.out"))
+
+
+@pytest.fixture(scope="module")
+def pools_assembly(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A stage opted into container pools from the command line, as the README shows."""
+    return cdk_synth(tmp_path_factory.mktemp("cdk.out-pools"), 'maas:stages={"dev": {"container_pools": true}}')
 
 
 def layer_dirs(assembly: Path) -> dict[str, Path]:
@@ -84,9 +95,15 @@ def test_function_assets_hold_only_their_handler(cloud_assembly: Path) -> None:
         assert files == ["handler.py"], files
 
 
-def test_container_assets_send_only_what_the_dockerfiles_copy(cloud_assembly: Path) -> None:
+def test_a_default_stage_has_no_container_asset(cloud_assembly: Path) -> None:
+    """`cdk deploy` of a default stage never needs a Docker daemon: nothing to build or push."""
     manifest: dict[str, Any] = json.loads((cloud_assembly / "maas-dev.assets.json").read_text())
-    images = {image["source"]["dockerFile"]: cloud_assembly / image["source"]["directory"]
+    assert manifest.get("dockerImages", {}) == {}
+
+
+def test_container_assets_send_only_what_the_dockerfiles_copy(pools_assembly: Path) -> None:
+    manifest: dict[str, Any] = json.loads((pools_assembly / "maas-dev.assets.json").read_text())
+    images = {image["source"]["dockerFile"]: pools_assembly / image["source"]["directory"]
               for image in manifest["dockerImages"].values()}
     assert set(images) == {"functions/inference/Dockerfile", "functions/sagemaker/Dockerfile"}
     for dockerfile, context in images.items():

@@ -260,25 +260,48 @@ def test_provisioned_concurrency_puts_the_api_on_a_live_alias() -> None:
                 if r["Type"] == "AWS::Lambda::Function" and r["Properties"].get("PackageType") == "Image"]
 
 
-def test_container_image_inference_pool(dev: Synthesized) -> None:
-    (image_fn,) = [body["Properties"] for body in dev.resources("AWS::Lambda::Function").values()
+def test_container_image_inference_pool(pools: Synthesized) -> None:
+    (image_fn,) = [body["Properties"] for body in pools.resources("AWS::Lambda::Function").values()
                    if body["Properties"].get("PackageType") == "Image"]
     assert image_fn["MemorySize"] == DEV.image_inference_memory_mb
     assert image_fn["Environment"]["Variables"][ENV_POOL_PATH] == "/image"
-    assert image_fn["Role"] == {"Fn::GetAtt": [dev.logical_id(dev.stack.functions.inference_role), "Arn"]}
+    assert image_fn["Role"] == {"Fn::GetAtt": [pools.logical_id(pools.stack.functions.inference_role), "Arn"]}
     assert "ImageUri" in image_fn["Code"]
     # it logs (and so writes its EMF metrics) to its own log group, under the role it shares
     log_group = resolve(image_fn["LoggingConfig"]["LogGroup"])
-    allowed = actions_on(statements_of(dev, dev.stack.functions.inference_role))
+    allowed = actions_on(statements_of(pools, pools.stack.functions.inference_role))
     written = allowed["logs:PutLogEvents"]
     assert any(log_group.rstrip(">") in resource for resource in written), (log_group, written)
     # and its errors count towards the inference error-rate alarm, like the zip pool's
-    (alarm,) = [body["Properties"] for body in dev.resources("AWS::CloudWatch::Alarm").values()
+    (alarm,) = [body["Properties"] for body in pools.resources("AWS::CloudWatch::Alarm").values()
                 if body["Properties"]["AlarmName"] == "maas-dev-InferenceErrorRate"]
     counted = {json.dumps(query["MetricStat"]["Metric"]["Dimensions"]) for query in alarm["Metrics"]
                if "MetricStat" in query and query["MetricStat"]["Metric"]["MetricName"] == "Errors"}
-    functions = {dev.logical_id(dev.stack.functions.inference), dev.logical_id(dev.stack.functions.image_inference)}
+    f = pools.stack.functions
+    functions = {pools.logical_id(f.inference), pools.logical_id(f.image_inference)}
     assert all(any(name in dimensions for dimensions in counted) for name in functions), counted
+
+
+def test_stages_need_no_docker_by_default(dev: Synthesized, prod: Synthesized) -> None:
+    """`cdk deploy` of a default stage publishes no container image (no Docker daemon needed): the
+    image pool, the SageMaker image and the SageMaker target (it needs the image) are opt-in."""
+    for synth in (dev, prod):
+        assert not synth.config.container_pools
+        assert synth.stack.functions.image_inference is None and synth.stack.gpu.image is None
+        assert not [body for body in synth.resources("AWS::Lambda::Function").values()
+                    if body["Properties"].get("PackageType") == "Image"]
+        for function in (*synth.stack.functions.deploy_tasks.values(), synth.stack.functions.api):
+            env = synth.raw["Resources"][synth.logical_id(function)]["Properties"]["Environment"]["Variables"]
+            assert ENV_SAGEMAKER_IMAGE not in env
+
+
+def test_container_pools_from_the_command_line() -> None:
+    from infra.config import from_context
+
+    context = {"maas:stage": "dev", "maas:stages": '{"dev": {"container_pools": true}}'}
+    assert from_context(context.get).container_pools
+    with pytest.raises(InvalidInput, match="JSON object"):
+        from_context({"maas:stages": "{not json"}.get)
 
 
 # -- least privilege ----------------------------------------------------------------------------------
@@ -368,7 +391,7 @@ def test_deploy_role_and_sagemaker_role(dev: Synthesized) -> None:
     assert role["AssumeRolePolicyDocument"]["Statement"][0]["Principal"] == {"Service": "sagemaker.amazonaws.com"}
     sm_allowed = actions_on(statements_of(dev, gpu.execution_role))
     assert sm_allowed["s3:GetObject"] == {f"<{dev.logical_id(dev.stack.store.bucket)}.Arn>/models/*"}
-    assert "ecr:BatchGetImage" in sm_allowed and "s3:PutObject" not in sm_allowed
+    assert "s3:PutObject" not in sm_allowed
 
 
 # -- API ------------------------------------------------------------------------------------------------
@@ -397,7 +420,7 @@ def test_every_route_but_the_health_probes_needs_the_authorizer(dev: Synthesized
         path = paths[props["ResourceId"]["Ref"]] if "Ref" in props["ResourceId"] else "/"
         methods[f"{props['HttpMethod']} {path}"] = props
     assert set(methods) >= {"ANY /{proxy+}", "GET /v2", "ANY /v2/{proxy+}", "GET /v2/health/live",
-                            "GET /v2/health/ready", "GET /image/v2", "ANY /image/v2/{proxy+}"}
+                            "GET /v2/health/ready"}
     for route, props in methods.items():
         if route in ("GET /v2/health/live", "GET /v2/health/ready"):
             assert props["AuthorizationType"] == "NONE"
@@ -556,7 +579,7 @@ def test_the_longest_deploy_ends_before_the_execution_times_out(dev: Synthesized
     assert timeout >= MAX_TOTAL_BAKE_SECONDS + 3600
 
 
-def test_the_api_function_gets_the_sagemaker_target(dev: Synthesized, aws_credentials: None,
+def test_the_api_function_gets_the_sagemaker_target(pools: Synthesized, aws_credentials: None,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """The API validates `target` and rolls deployments back by hand: it must build the same SageMaker
     target as the deploy tasks from the environment the template gives it (else `--target sagemaker`
@@ -564,8 +587,8 @@ def test_the_api_function_gets_the_sagemaker_target(dev: Synthesized, aws_creden
     from maas.backends.aws.sagemaker import sagemaker_target_from_env
     from maas.settings import ENV_ROLLBACK_ALARMS, Settings
 
-    api = dev.raw["Resources"][dev.logical_id(dev.stack.functions.api)]["Properties"]["Environment"]["Variables"]
-    task = function_by_handler(dev, "handler.shift_traffic")["Environment"]["Variables"]
+    api = pools.raw["Resources"][pools.logical_id(pools.stack.functions.api)]["Properties"]["Environment"]["Variables"]
+    task = function_by_handler(pools, "handler.shift_traffic")["Environment"]["Variables"]
     for key in (ENV_SAGEMAKER_ROLE, ENV_SAGEMAKER_IMAGE, ENV_ROLLBACK_ALARMS):
         assert api[key] == task[key], key
         monkeypatch.setenv(key, resolve(api[key]))
@@ -588,16 +611,17 @@ def test_no_role_can_erase_a_committed_model_version(dev: Synthesized) -> None:
         assert actions_on(statements_of(dev, role))["s3:DeleteObjectVersion"] == {f"{bucket}/uploads/*"}
 
 
-def test_each_stage_names_its_own_sagemaker_resources(dev: Synthesized, prod: Synthesized) -> None:
+def test_each_stage_names_its_own_sagemaker_resources(pools: Synthesized, prod: Synthesized) -> None:
     """dev and prod in one account must not share an endpoint, nor grants on each other's names: every
     function that names a SageMaker resource gets its stage's prefix, and every grant covers only it."""
     from maas.backends.aws.sagemaker import endpoint_config_name, endpoint_name, model_resource_name
     from maas.settings import ENV_SAGEMAKER_PREFIX
 
-    for synth, prefix in ((dev, "maas-dev-"), (prod, "maas-prod-")):
+    for synth, prefix in ((pools, "maas-dev-"), (prod, "maas-prod-")):
         assert synth.stack.gpu.name_prefix == prefix
         f = synth.stack.functions
-        for function in (*f.deploy_tasks.values(), f.api, f.inference, f.image_inference):
+        for function in (*f.deploy_tasks.values(), f.api, f.inference,
+                         *([f.image_inference] if f.image_inference else [])):
             env = synth.raw["Resources"][synth.logical_id(function)]["Properties"]["Environment"]["Variables"]
             assert env[ENV_SAGEMAKER_PREFIX] == prefix
         resources = {resolve(resource) for policy in synth.resources("AWS::IAM::Policy").values()
@@ -627,3 +651,10 @@ def test_the_readme_names_the_concurrency_prod_reserves(prod: Synthesized) -> No
     assert int(said.group(1)) == reserved == sum(math.prod(term) for term in terms)
     assert int(said.group(3)) == reserved + 100
     assert len(prod.stack.functions.deploy_tasks) == 7 and "each of the seven deploy-task functions" in readme
+
+
+def test_container_pools_add_the_image_pool_route_and_the_serving_image(pools: Synthesized) -> None:
+    paths = set(resource_paths(pools).values())
+    assert {"/image", "/image/v2", "/image/v2/{proxy+}"} <= paths
+    gpu = pools.stack.gpu
+    assert gpu.image is not None and "ecr:BatchGetImage" in actions_on(statements_of(pools, gpu.execution_role))

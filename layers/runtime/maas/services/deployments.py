@@ -106,7 +106,9 @@ class DeploymentService:
             raise InvalidInput("strategy must be one of all_at_once, canary, linear",
                                field="strategy") from None
         if target not in self.targets:
-            raise InvalidInput(f"target must be one of {', '.join(self.targets)}", field="target")
+            why = (" (this server has no SageMaker target: on AWS it comes with the stage's container pools)"
+                   if target == "sagemaker" else "")
+            raise InvalidInput(f"target must be one of {', '.join(self.targets)}{why}", field="target")
         options: dict[str, object] = {}
         for field, value, low, high in (("canary_percent", canary_percent, 0.0, 100.0),
                                         ("linear_step_percent", linear_step_percent, 0.0, 100.0)):
