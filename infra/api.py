@@ -40,8 +40,8 @@ class Api(Construct):
             description="maas: model management and Open Inference Protocol v2 inference",
             binary_media_types=BINARY_MEDIA_TYPES,
             endpoint_types=[apigw.EndpointType.REGIONAL],
-            cloud_watch_role=True,
-            cloud_watch_role_removal_policy=RemovalPolicy.DESTROY,
+            # The account's API Gateway logging role is not a stage's to own (infra.account).
+            cloud_watch_role=False,
             deploy_options=apigw.StageOptions(
                 stage_name=config.name,
                 throttling_rate_limit=config.throttle_rate_limit,

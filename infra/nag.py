@@ -44,9 +44,6 @@ def acknowledge_findings(stack: MaasStack) -> None:
                               "tensor extension and would duplicate the OpenAPI schema",
         "AwsSolutions-APIG3": "WAF costs money at idle and is not needed for token-authenticated, throttled "
                               "APIs; attach a web ACL to the stage if the account requires one (README)",
-        "AwsSolutions-IAM4[Policy::arn:<AWS::Partition>:iam::aws:policy/service-role/"
-        "AmazonAPIGatewayPushToCloudWatchLogs]":
-            "API Gateway's account-level logging role; AWS maintains this policy for exactly that purpose",
         "AwsSolutions-IAM5[Resource::*]":
             "X-Ray PutTraceSegments/PutTelemetryRecords, ecr:GetAuthorizationToken, cloudwatch:GetMetricData "
             "and cloudwatch:PutMetricData (conditioned on the namespace) support no resource-level permissions",
@@ -77,4 +74,10 @@ def acknowledge_findings(stack: MaasStack) -> None:
                      "model, no token, as the Open Inference Protocol specifies")
 
 
-__all__ = ["acknowledge_findings"]
+def acknowledge_account_findings(stack: Stack) -> None:
+    _acknowledge(stack, "AwsSolutions-IAM4[Policy::arn:<AWS::Partition>:iam::aws:policy/service-role/"
+                 "AmazonAPIGatewayPushToCloudWatchLogs]",
+                 "API Gateway's account-level logging role; AWS maintains this policy for exactly that purpose")
+
+
+__all__ = ["acknowledge_account_findings", "acknowledge_findings"]

@@ -14,6 +14,7 @@ from aws_cdk import aws_iam as iam
 from cdk_nag import AwsSolutionsChecks
 from constructs import Construct
 
+from infra.account import ACCOUNT_STACK_NAME, AccountSettings
 from infra.api import Api
 from infra.config import StageConfig, from_context
 from infra.deploy_workflow import DeployWorkflow
@@ -21,7 +22,7 @@ from infra.functions import IMAGE_POOL_PATH, Functions
 from infra.gpu import GpuPath
 from infra.model_store import INDEX_NAME, MODELS_PREFIX, UPLOADS_PREFIX, ModelStore
 from infra.monitoring import NAMESPACE, Monitoring
-from infra.nag import acknowledge_findings
+from infra.nag import acknowledge_account_findings, acknowledge_findings
 from maas.settings import (
     ENV_BUCKET,
     ENV_ROLLBACK_ALARMS,
@@ -160,12 +161,16 @@ class MaasStack(Stack):
 
 def build_app(context: Mapping[str, Any] | None = None, *, nag: bool = True,
               env: Environment | None = None) -> tuple[App, MaasStack]:
-    """The CDK app of the stage named in the context (``maas:stage``, default dev), with cdk-nag's
-    AWS Solutions checks (every finding either fixed or acknowledged with its reason in infra/nag.py)."""
+    """The CDK app of the stage named in the context (``maas:stage``, default dev) and the account-wide
+    ``maas-account`` stack it depends on, with cdk-nag's AWS Solutions checks (every finding either fixed
+    or acknowledged with its reason in infra/nag.py)."""
     app = App(context=dict(context) if context else None)
     config = from_context(app.node.try_get_context)
+    account = AccountSettings(app, ACCOUNT_STACK_NAME, env=env)
     stack = MaasStack(app, f"maas-{config.name}", config=config, env=env)
+    stack.add_dependency(account, "API Gateway logs with the account's role, which maas-account sets")
     acknowledge_findings(stack)
+    acknowledge_account_findings(account)
     if nag:
         Validations.of(app).add_plugins(AwsSolutionsChecks(app))
     return app, stack

@@ -658,3 +658,27 @@ def test_container_pools_add_the_image_pool_route_and_the_serving_image(pools: S
     assert {"/image", "/image/v2", "/image/v2/{proxy+}"} <= paths
     gpu = pools.stack.gpu
     assert gpu.image is not None and "ecr:BatchGetImage" in actions_on(statements_of(pools, gpu.execution_role))
+
+
+def test_no_stage_owns_the_account_wide_api_gateway_logging_role(dev: Synthesized, prod: Synthesized) -> None:
+    """API Gateway's logging role is an account setting: in maas-account, kept on destroy, which each
+    stage depends on; a stage stack that set it would overwrite another stage's and, destroyed, break
+    API logging for the whole account."""
+    from aws_cdk import Stack
+    from aws_cdk.assertions import Template
+
+    from infra.account import ACCOUNT_STACK_NAME
+
+    for synth in (dev, prod):
+        assert not synth.resources("AWS::ApiGateway::Account")
+        trusts = [json.dumps(body["Properties"]["AssumeRolePolicyDocument"])
+                  for body in synth.resources("AWS::IAM::Role").values()]
+        assert not [trust for trust in trusts if "apigateway.amazonaws.com" in trust]
+        (account,) = [dependency for dependency in synth.stack.dependencies if isinstance(dependency, Stack)]
+        assert account.stack_name == ACCOUNT_STACK_NAME
+    template = Template.from_stack(account).to_json()
+    (settings,) = [body for body in template["Resources"].values() if body["Type"] == "AWS::ApiGateway::Account"]
+    (role,) = [body for body in template["Resources"].values() if body["Type"] == "AWS::IAM::Role"]
+    assert settings["DeletionPolicy"] == "Retain" and role["DeletionPolicy"] == "Retain"
+    assert "apigateway.amazonaws.com" in json.dumps(role["Properties"]["AssumeRolePolicyDocument"])
+    assert len(template["Resources"]) == 2  # nothing else lives there

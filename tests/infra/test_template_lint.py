@@ -37,3 +37,14 @@ def test_sam_validate_lint_accepts_the_template(dev: Synthesized, tmp_path: Path
                                text=True, timeout=300, check=False, cwd=tmp_path)
     assert completed.returncode == 0, completed.stdout + completed.stderr
     assert "is a valid SAM Template" in completed.stdout + completed.stderr
+
+
+def test_cfn_lint_is_clean_on_the_account_stack(dev: Synthesized, tmp_path: Path) -> None:
+    from aws_cdk import Stack
+    from aws_cdk.assertions import Template
+
+    (account,) = [dependency for dependency in dev.stack.dependencies if isinstance(dependency, Stack)]
+    path = tmp_path / f"{account.stack_name}.template.json"
+    path.write_text(json.dumps(Template.from_stack(account).to_json(), indent=1))
+    completed = subprocess.run([str(CFN_LINT), str(path)], capture_output=True, text=True, timeout=300, check=False)
+    assert completed.returncode == 0, completed.stdout + completed.stderr
