@@ -102,39 +102,24 @@ class Monitoring(Construct):
                 treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
                 alarm_description="Lambda is throttling maas functions: raise reserved concurrency or limits",
             ),
-            "FailedDeploys": state_machine.metric_failed(period=Duration.minutes(5), statistic="Sum").create_alarm(
-                self, "FailedDeploys", alarm_name=f"maas-{config.name}-FailedDeploys",
-                threshold=1, evaluation_periods=1,
-                comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD,
-                treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
-                alarm_description="a deploy failed and was rolled back",
-            ),
+            "FailedDeploys": self._on_any(config, "FailedDeploys", state_machine.metric_failed(
+                period=Duration.minutes(5), statistic="Sum"), "a deploy failed and was rolled back"),
             # A timed-out execution skips its Catch: no rollback ran, the deployment may still be
             # IN_PROGRESS with canary traffic (deploys bake at most MAX_TOTAL_BAKE_SECONDS to avoid it).
-            "TimedOutDeploys": state_machine.metric_timed_out(period=Duration.minutes(5), statistic="Sum")
-            .create_alarm(
-                self, "TimedOutDeploys", alarm_name=f"maas-{config.name}-TimedOutDeploys",
-                threshold=1, evaluation_periods=1,
-                comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD,
-                treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
-                alarm_description="a deploy workflow timed out without rolling back: roll the model back by hand",
-            ),
+            "TimedOutDeploys": self._on_any(config, "TimedOutDeploys", state_machine.metric_timed_out(
+                period=Duration.minutes(5), statistic="Sum"),
+                "a deploy workflow timed out without rolling back: roll the model back by hand"),
             # The rollback's own Catch ends in this Fail state (infra.deploy_workflow): counted from the
             # workflow's execution log, since ExecutionsFailed cannot tell it from a clean rollback.
-            "FailedRollbacks": logs.MetricFilter(
+            "FailedRollbacks": self._on_any(config, "FailedRollbacks", logs.MetricFilter(
                 self, "RollbackFailures", log_group=workflow_logs, metric_namespace=NAMESPACE,
                 metric_name="RollbackFailures", metric_value="1", default_value=0,
                 filter_pattern=logs.FilterPattern.all(
                     logs.FilterPattern.string_value("$.type", "=", "FailStateEntered"),
                     logs.FilterPattern.string_value("$.details.name", "=", ROLLBACK_FAILED_STATE)),
-            ).metric(period=Duration.minutes(5), statistic="Sum").create_alarm(
-                self, "FailedRollbacks", alarm_name=f"maas-{config.name}-FailedRollbacks",
-                threshold=1, evaluation_periods=1,
-                comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD,
-                treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
-                alarm_description="a rollback could not finish: the model may still send traffic to the new "
-                                  "version; roll it back by hand",
-            ),
+            ).metric(period=Duration.minutes(5), statistic="Sum"),
+                "a rollback could not finish: the model may still send traffic to the new version; roll it "
+                "back by hand"),
         }
         self.alarm_names = [f"maas-{config.name}-{key}" for key in self.alarms]
         #: what a SageMaker blue/green update rolls back on: serving errors and latency (requests to
@@ -188,4 +173,12 @@ class Monitoring(Construct):
         )
         self.dashboard.add_widgets(
             cloudwatch.AlarmStatusWidget(title="Alarms", width=24, alarms=list(self.alarms.values())),
+        )
+
+    def _on_any(self, config: StageConfig, key: str, metric: cloudwatch.Metric, description: str) -> cloudwatch.Alarm:
+        """An alarm that fires on a single event in five minutes (a failed or stuck deploy)."""
+        return cloudwatch.Alarm(
+            self, key, metric=metric, alarm_name=f"maas-{config.name}-{key}", threshold=1, evaluation_periods=1,
+            comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD,
+            treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING, alarm_description=description,
         )
