@@ -33,7 +33,7 @@ measured again, on this CPU, against this request's tolerance and goal).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -186,26 +186,24 @@ def quantize(model_bytes: bytes, signature: Signature, tolerance: float = DEFAUL
         inputs = "zeros"
     names = [spec.name for spec in signature.outputs]
     parent_out = [_run(parent, names, feed, "the parent model") for feed in feeds]
-    baseline = _Baseline(signature, feeds, parent_out, tolerance, min_agreement, limits, len(model_bytes))
+    baseline = _Baseline(signature, feeds, parent_out, tolerance, min_agreement, limits, len(model_bytes),
+                         goal, inputs, batch, samples)
 
     tried: list[_Candidate] = []
-    options: list[tuple[Scheme | None, bytes | None]] = [(None, derived)] if derived is not None else \
-        [(scheme, None) for scheme in schemes]
-    for scheme, given in options:
-        data = given if given is not None else _derive(model_bytes, scheme)
-        candidate = _assess(_Candidate(scheme, data), baseline)
-        tried.append(candidate)
-        if candidate.failure is None or candidate.failure.check == "size":
+    for candidate in _candidates(model_bytes, derived, schemes):
+        tried.append(_assess(candidate, baseline))
+        failure = tried[-1].failure
+        if failure is None or failure.check == "size":
             break  # every scheme's weights take the same bytes: none is smaller where one is not
     kept = tried[-1]
     if kept.failure is not None:
-        _reject(tried, baseline, goal, inputs, batch, samples)
+        _reject(tried, baseline)
     derived_session = kept.session or _session(kept.data, "the int8 model")
     speed = compare_speed(lambda i: parent.run(names, feeds[i]), lambda i: derived_session.run(names, feeds[i]),
                           len(feeds))
     latency = _latency_check(speed, goal, kept.name)
     checks = (*(check for candidate in tried for check in candidate.checks), latency)
-    report = _report(kept, baseline, speed, checks, goal=goal, inputs=inputs, batch=batch, samples=samples)
+    report = _report(kept, baseline, speed, checks)
     if not latency.passed:
         raise ModelRejected(latency.detail, extra={"check": "latency", "report": report.as_dict()})
     return kept.data, report
@@ -225,16 +223,19 @@ class _Baseline:
     min_agreement: float
     limits: Limits
     parent_bytes: int
+    goal: str
+    inputs: str  # "random" or "zeros"
+    batch: int
+    samples: int
 
 
-def _derive(model_bytes: bytes, scheme: Scheme | None) -> bytes:
-    if scheme is None:
-        raise ValueError("a derivative is either given or made with a scheme")
-    data = quantize_weights(model_bytes, scheme)
-    if not has_integer_ops(onnx.load_from_string(data)):
-        raise InvalidInput("nothing to quantize: the quantizer left every MatMul and Gemm unchanged",
-                           field="version")
-    return data
+def _candidates(model_bytes: bytes, derived: bytes | None, schemes: Sequence[Scheme]) -> Iterator[_Candidate]:
+    """The derivative given to check, or one per scheme, each made only when the one before failed."""
+    if derived is not None:
+        yield _Candidate(None, derived)
+        return
+    for scheme in schemes:
+        yield _Candidate(scheme, quantize_weights(model_bytes, scheme))
 
 
 def _assess(candidate: _Candidate, baseline: _Baseline) -> _Candidate:
@@ -244,9 +245,14 @@ def _assess(candidate: _Candidate, baseline: _Baseline) -> _Candidate:
         raise ModelRejected(f"the int8 model is {len(candidate.data)} bytes, over the limit of "
                             f"{baseline.limits.max_model_bytes} bytes")
     try:
-        risks = saturation_risks(onnx.load_from_string(candidate.data))
+        graph = onnx.load_from_string(candidate.data)
     except Exception:
         raise ModelRejected("the int8 model could not be parsed as ONNX") from None
+    if candidate.scheme is not None and not has_integer_ops(graph):
+        raise InvalidInput("nothing to quantize: the quantizer left every MatMul and Gemm unchanged",
+                           field="version")
+    risks = saturation_risks(graph)
+    del graph  # a large model's protobuf need not stay alive beside its session
     portable = Check("portability", not risks, (
         f"the int8 model{with_scheme} could answer differently on other CPUs: {'; '.join(risks[:3])}" if risks
         else "every integer matrix product is exact on every CPU (no 16-bit saturation)"), candidate.name)
@@ -290,8 +296,7 @@ def _latency_check(speed: SpeedComparison, goal: str, scheme: str) -> Check:
     return Check("latency", verdict, speed.describe() if verdict else f"{failed}: {speed.describe()}", scheme)
 
 
-def _reject(tried: list[_Candidate], baseline: _Baseline, goal: str, inputs: str, batch: int,
-            samples: int) -> None:
+def _reject(tried: list[_Candidate], baseline: _Baseline) -> None:
     """Every scheme failed a check: ModelRejected naming the last failure (and the others before it)."""
     failures = [candidate.failure for candidate in tried if candidate.failure is not None]
     last = failures[-1]
@@ -299,9 +304,9 @@ def _reject(tried: list[_Candidate], baseline: _Baseline, goal: str, inputs: str
         [last.detail, *(f"also {failure.detail}" for failure in failures[:-1])])
     kept = tried[-1]
     report = {
-        "method": METHOD, "scheme": kept.name, "goal": goal, "parent_bytes": baseline.parent_bytes,
+        "method": METHOD, "scheme": kept.name, "goal": baseline.goal, "parent_bytes": baseline.parent_bytes,
         "derived_bytes": len(kept.data), "tolerance": baseline.tolerance, "min_agreement": baseline.min_agreement,
-        "samples": samples, "batch": batch, "inputs": inputs,
+        "samples": baseline.samples, "batch": baseline.batch, "inputs": baseline.inputs,
         "outputs": [asdict(comparison) for comparison in kept.comparisons],
         "checks": [asdict(check) for candidate in tried for check in candidate.checks],
     }
@@ -312,14 +317,13 @@ def _reject(tried: list[_Candidate], baseline: _Baseline, goal: str, inputs: str
     raise ModelRejected(detail, extra=extra)
 
 
-def _report(kept: _Candidate, baseline: _Baseline, speed: SpeedComparison, checks: tuple[Check, ...], *,
-            goal: str, inputs: str, batch: int, samples: int) -> OptimizeReport:
+def _report(kept: _Candidate, baseline: _Baseline, speed: SpeedComparison, checks: tuple[Check, ...]) -> OptimizeReport:
     floats = [c for c in kept.comparisons if c.kind == "float"]
     exact = [c for c in kept.comparisons if c.kind == "exact"]
     return OptimizeReport(
         method=METHOD,
         scheme=kept.name,
-        goal=goal,
+        goal=baseline.goal,
         parent_bytes=baseline.parent_bytes,
         derived_bytes=len(kept.data),
         parent_p50_ms=speed.parent_p50_ms,
@@ -332,9 +336,9 @@ def _report(kept: _Candidate, baseline: _Baseline, speed: SpeedComparison, check
         min_agreement_seen=min((c.agreement if c.agreement is not None else 1.0 for c in exact), default=1.0),
         tolerance=baseline.tolerance,
         min_agreement=baseline.min_agreement,
-        samples=samples,
-        batch=batch,
-        inputs=inputs,
+        samples=baseline.samples,
+        batch=baseline.batch,
+        inputs=baseline.inputs,
         compared=tuple(spec.name for spec in baseline.signature.outputs),
         outputs=kept.comparisons,
         checks=checks,

@@ -14,6 +14,7 @@ interval for the median ratio (order statistics of the ratios, exact for any dis
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -75,9 +76,9 @@ def summarize(parent_times: Sequence[float], derived_times: Sequence[float]) -> 
     tiny = 1e-9  # a clock tick of 0 must not divide by zero
     ratios = sorted(max(p, tiny) / max(d, tiny) for p, d in zip(parent_times, derived_times, strict=True))
     low, high = median_interval(ratios)
-    return SpeedComparison(parent_p50_ms=round(_median(parent_times) * 1000.0, 4),
-                           derived_p50_ms=round(_median(derived_times) * 1000.0, 4),
-                           speedup=round(_median(ratios), 4), low=round(low, 4), high=round(high, 4),
+    return SpeedComparison(parent_p50_ms=round(statistics.median(parent_times) * 1000.0, 4),
+                           derived_p50_ms=round(statistics.median(derived_times) * 1000.0, 4),
+                           speedup=round(statistics.median(ratios), 4), low=round(low, 4), high=round(high, 4),
                            pairs=len(ratios))
 
 
@@ -97,8 +98,3 @@ def median_interval(ordered: Sequence[float], confidence: float = CONFIDENCE) ->
         return 0.0, math.inf
     return ordered[k], ordered[n - 1 - k]
 
-
-def _median(values: Sequence[float]) -> float:
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2.0
