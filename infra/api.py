@@ -1,7 +1,7 @@
 """The public HTTPS front door: one REST API for management and inference.
 
-REST (not HTTP API) because it gives per-stage throttling, binary media types (Triton's binary tensor
-extension arrives as ``application/octet-stream``), execution and access logs, X-Ray, and a cached
+REST (not HTTP API) because it gives per-stage throttling, binary media types (``*/*``: Triton's binary
+tensor extension arrives with no Content-Type at all), execution and access logs, X-Ray, and a cached
 TOKEN authorizer. Every route requires a live maas token (checked by the authorizer before any
 function runs) except the two OIP health probes, which return no data."""
 
@@ -15,7 +15,11 @@ from constructs import Construct
 
 from infra.config import StageConfig, log_retention
 
-BINARY_MEDIA_TYPES = ["application/octet-stream"]
+# Every payload is binary to API Gateway: requests reach the functions base64-encoded whatever their
+# Content-Type (tritonclient's binary tensors come with none), and an isBase64Encoded answer goes back
+# as bytes whatever the caller's Accept (API Gateway matches only the first Accept value against this
+# list, and tritonclient sends none). The functions decode and encode bodies themselves.
+BINARY_MEDIA_TYPES = ["*/*"]
 PUBLIC_ROUTES = ("/v2/health/live", "/v2/health/ready")
 # The authorizer's own check of the header's shape: malformed headers get a 401 without an invocation.
 TOKEN_HEADER_REGEX = r"^Bearer maas_[A-Za-z0-9_-]{32,}$"

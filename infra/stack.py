@@ -160,15 +160,15 @@ class MaasStack(Stack):
 
 
 def build_app(context: Mapping[str, Any] | None = None, *, nag: bool = True,
-              env: Environment | None = None) -> tuple[App, MaasStack]:
+              env: Environment | None = None, outdir: str | None = None) -> tuple[App, MaasStack]:
     """The CDK app of the stage named in the context (``maas:stage``, default dev) and the account-wide
     ``maas-account`` stack it depends on, with cdk-nag's AWS Solutions checks (every finding either fixed
     or acknowledged with its reason in infra/nag.py)."""
-    app = App(context=dict(context) if context else None)
+    app = App(context=dict(context) if context else None, outdir=outdir)
     config = from_context(app.node.try_get_context)
     account = AccountSettings(app, ACCOUNT_STACK_NAME, env=env)
     stack = MaasStack(app, f"maas-{config.name}", config=config, env=env)
-    stack.add_dependency(account, "API Gateway logs with the account's role, which maas-account sets")
+    stack.add_stack_dependency(account, "API Gateway logs with the account's role, which maas-account sets")
     acknowledge_findings(stack)
     acknowledge_account_findings(account)
     if nag:
