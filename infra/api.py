@@ -7,6 +7,8 @@ function runs) except the two OIP health probes, which return no data."""
 
 from __future__ import annotations
 
+import json
+
 from aws_cdk import Duration, RemovalPolicy
 from aws_cdk import aws_apigateway as apigw
 from aws_cdk import aws_lambda as lambda_
@@ -21,6 +23,21 @@ from infra.config import StageConfig, log_retention
 # list, and tritonclient sends none). The functions decode and encode bodies themselves.
 BINARY_MEDIA_TYPES = ["*/*"]
 PUBLIC_ROUTES = ("/v2/health/live", "/v2/health/ready")
+#: what a request may carry through API Gateway (10 MB) into a Lambda function's 6 MB event, where
+#: every body arrives base64-encoded (4/3 of its size) beside the headers and request context
+MAX_BODY_BYTES = 4_500_000
+GATEWAY_PROBLEMS = (
+    (apigw.ResponseType.UNAUTHORIZED, "401", "Unauthorized",
+     "send a live maas token: Authorization: Bearer <token>"),
+    (apigw.ResponseType.ACCESS_DENIED, "403", "Forbidden", "send a live maas token: Authorization: Bearer <token>"),
+    (apigw.ResponseType.REQUEST_TOO_LARGE, "413", "Payload too large",
+     "a request body may be about 4.5 MB here (API Gateway passes it base64-encoded inside Lambda's 6 MB "
+     "event): send fewer rows per request, or the binary tensor extension instead of JSON; push models "
+     "with `maas models push` (it uploads straight to storage)"),
+    (apigw.ResponseType.INTEGRATION_TIMEOUT, "504", "Gateway timeout",
+     "the model did not answer within API Gateway's 29 s integration timeout: send fewer rows per request, "
+     "or deploy it to the sagemaker target"),
+)
 # The authorizer's own check of the header's shape: malformed headers get a 401 without an invocation.
 TOKEN_HEADER_REGEX = r"^Bearer maas_[A-Za-z0-9_-]{32,}$"
 
@@ -69,17 +86,14 @@ class Api(Construct):
             validation_regex=TOKEN_HEADER_REGEX,
             results_cache_ttl=Duration.seconds(config.authorizer_cache_seconds),
         )
-        # A 401 from the authorizer, and a 403 from its policy, as problem+json like the functions' own.
-        for response_type, status, title in (
-            (apigw.ResponseType.UNAUTHORIZED, "401", "Unauthorized"),
-            (apigw.ResponseType.ACCESS_DENIED, "403", "Forbidden"),
-        ):
+        # API Gateway's own refusals as problem+json like the functions' own: a 401 from the authorizer,
+        # a 403 from its policy, a body over the limits, a model slower than the integration timeout.
+        for response_type, status, title, detail in GATEWAY_PROBLEMS:
             self.rest_api.add_gateway_response(
-                f"{title}Response", type=response_type, status_code=status,
+                f"{title.replace(' ', '')}Response", type=response_type, status_code=status,
                 response_headers={"Content-Type": "'application/problem+json'"},
-                templates={"application/json": (
-                    f'{{"type": "about:blank", "title": "{title}", "status": {status}, '
-                    '"detail": "send a live maas token: Authorization: Bearer <token>"}')},
+                templates={"application/json": json.dumps(
+                    {"type": "about:blank", "title": title, "status": int(status), "detail": detail})},
             )
 
         to_management = apigw.LambdaIntegration(management, proxy=True)

@@ -41,6 +41,11 @@ FAILED_STATE = "DeployFailed"
 #: deployment may still send traffic to the new version, so an alarm counts these (infra.monitoring).
 ROLLBACK_FAILED_STATE = "RollbackFailed"
 SUCCEEDED_STATE = "Deployed"
+#: the first state: a deployment's input goes to the first step; ``undo_endpoint`` to ``UNDO_STATE``
+START_STATE = "Start"
+UNDO_PATH = "$.undo_endpoint"
+UNDO_STATE = "UndoEndpoint"
+UNDONE_STATE = "EndpointRestored"
 WAIT_STATE = "Bake"
 CHOICE_STATE = "TrafficFullyShifted"
 FAILURE_PATH = "$.failure"  # where Catch puts {"Error", "Cause"}: StepInput.failure
@@ -69,10 +74,15 @@ class DeployWorkflow(Construct):
         rollback = self._task(ROLLBACK, functions)
         rollback.next(sfn.Fail(self, FAILED_STATE, error="DeployFailed",
                                cause="a deploy step failed; the deployment was rolled back"))
-        rollback.add_catch(sfn.Fail(self, ROLLBACK_FAILED_STATE, error="RollbackFailed",
-                                    cause="the rollback could not finish: the model may still send traffic to "
-                                          "the new version; roll it back by hand (maas rollback)"),
-                           errors=[sfn.Errors.ALL], result_path=FAILURE_PATH)
+        rollback_failed = sfn.Fail(self, ROLLBACK_FAILED_STATE, error="RollbackFailed",
+                                   cause="the rollback could not finish: the model may still send traffic to "
+                                         "the new version; roll it back by hand (maas rollback)")
+        rollback.add_catch(rollback_failed, errors=[sfn.Errors.ALL], result_path=FAILURE_PATH)
+        # A manual rollback whose endpoint was still updating: the same rollback task, on its own branch
+        # (retrying until SageMaker accepts the update back), ending in success.
+        undo = self._task(ROLLBACK, functions, name=UNDO_STATE)
+        undo.add_catch(rollback_failed, errors=[sfn.Errors.ALL], result_path=FAILURE_PATH)
+        undo.next(sfn.Succeed(self, UNDONE_STATE))
         tasks = {step.name: self._task(step, functions) for step in WORKFLOW}
         for task in tasks.values():
             task.add_catch(rollback, errors=[sfn.Errors.ALL], result_path=FAILURE_PATH)
@@ -92,7 +102,10 @@ class DeployWorkflow(Construct):
                 choice.otherwise(tasks[LOOP_START])
             else:
                 tasks[step.name].next(following)
-        first = tasks[WORKFLOW[0].name]
+        first = (sfn.Choice(self, START_STATE, comment="a deploy, or a manual rollback's endpoint undo?")
+                 .when(sfn.Condition.and_(sfn.Condition.is_present(UNDO_PATH),
+                                          sfn.Condition.boolean_equals(UNDO_PATH, True)), undo)
+                 .otherwise(tasks[WORKFLOW[0].name]))
 
         self.log_group = logs.LogGroup(
             self, "Logs", retention=log_retention(config.log_retention_days),
@@ -113,12 +126,14 @@ class DeployWorkflow(Construct):
             logs=sfn.LogOptions(destination=self.log_group, level=sfn.LogLevel.ALL, include_execution_data=True),
             comment="maas deploy: " + " -> ".join(state_name(step) for step in WORKFLOW)
                     + f" (looping back to {state_name_of(LOOP_START)} until all traffic is shifted)"
-                    + f", any failure -> {state_name(ROLLBACK)}",
+                    + f", any failure -> {state_name(ROLLBACK)}; a manual rollback of an updating endpoint -> "
+                    + UNDO_STATE,
         )
 
-    def _task(self, step: StepSpec, functions: Mapping[str, lambda_.IFunction]) -> tasks.LambdaInvoke:
+    def _task(self, step: StepSpec, functions: Mapping[str, lambda_.IFunction],
+              name: str | None = None) -> tasks.LambdaInvoke:
         task = tasks.LambdaInvoke(
-            self, state_name(step),
+            self, name or state_name(step),
             lambda_function=functions[step.name.value],
             payload_response_only=True,  # the step's return value is the next state's input
             retry_on_service_exceptions=True,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -184,16 +183,7 @@ def break_artifact(backend: Any, version: dict[str, Any], *, lose: bool = False)
 
 @pytest.fixture
 def moto_percentiles(monkeypatch: pytest.MonkeyPatch) -> None:
-    """moto's GetMetricData knows Sum/Average/Minimum/Maximum/SampleCount only (a pNN crashes its
-    serializer): extend it with nearest-rank percentiles, as CloudWatch computes them."""
-    from moto.cloudwatch.models import Statistics
+    """moto's GetMetricData with CloudWatch's percentiles (``infra.local.cloudwatch``)."""
+    from infra.local.cloudwatch import with_percentiles
 
-    original = Statistics.get_statistics_for_type
-
-    def with_percentiles(self: Any, stat: str) -> Any:
-        if stat.startswith("p") and stat[1:].replace(".", "").isdigit():
-            values = sorted(self.metric_single_values_list)
-            return values[max(math.ceil(float(stat[1:]) / 100 * len(values)), 1) - 1] if values else None
-        return original(self, stat)
-
-    monkeypatch.setattr(Statistics, "get_statistics_for_type", with_percentiles)
+    with_percentiles(monkeypatch.setattr)

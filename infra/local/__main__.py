@@ -27,8 +27,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=int(os.environ.get("STACK_PORT", "4566")))
     parser.add_argument("--pools", action="store_true", default=os.environ.get("STACK_POOLS") == "1",
                         help="container pools on (the image inference pool); no Docker is needed locally")
+    parser.add_argument("--workdir", type=Path,
+                        help="where the functions' /tmp, downloads and the synthesis go (default: a temporary dir)")
     arguments = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="maas-stack-local-") as scratch:
+    with tempfile.TemporaryDirectory(prefix="maas-stack-local-", dir=arguments.workdir) as scratch:
         workdir = Path(scratch)
         stack_name = f"maas-{arguments.stage}"
         directory = arguments.assembly or synthesize(workdir / "cdk.out", arguments.stage, pools=arguments.pools)

@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from infra.local import iam
-from infra.local.functions import FunctionPool, FunctionSpec, InvokeResult, specs
+from infra.local.cloudwatch import put_metrics, with_percentiles
+from infra.local.functions import FunctionPool, FunctionSpec, InvokeResult, function_name, specs
 from infra.local.gateway import RestApi, asgi
 from infra.local.sagemaker import SageMakerSim, install
 from infra.local.template import ACCOUNT, REGION, Assembly, Physical, Resolver, Unresolvable
@@ -152,6 +153,7 @@ class LocalStack:
             self._patches.setattr(DynamoDBBackend, name, functools.wraps(original)(locked))
         self._patch_lambda_invoke()
         install(self.sagemaker, self._patches.setattr)
+        with_percentiles(self._patches.setattr)
         iam_client = self._client("iam", {"aws_access_key_id": "setup", "aws_secret_access_key": "setup"})
         user = iam_client.create_user(UserName=OPERATOR)["User"]
         iam_client.put_user_policy(UserName=OPERATOR, PolicyName="administrator", PolicyDocument=json.dumps(
@@ -279,8 +281,6 @@ class LocalStack:
         return Physical(properties["PolicyName"])
 
     def _function_physical(self, logical_id: str, properties: dict[str, Any]) -> Physical:
-        from infra.local.functions import function_name
-
         name = function_name(self.assembly.stack_name, logical_id)
         return Physical(name, {"Arn": f"arn:aws:lambda:{REGION}:{ACCOUNT}:function:{name}"})
 
@@ -343,8 +343,6 @@ class LocalStack:
             return
         metrics = [line for line in result.lines if line.startswith("{") and '"_aws"' in line]
         if metrics:
-            from infra.local.emf import put_metrics
-
             put_metrics(self._client("cloudwatch"), metrics)
 
     def _state_machine_principal(self) -> tuple[str, list[dict[str, Any]]]:
@@ -383,14 +381,37 @@ class LocalStack:
             return answer(200, [d.__dict__ for d in self.audit.denied()])
         if parts[1:] == ["logs", "lost"]:
             return answer(200, self.lost_logs)
+        if parts[1:] == ["iam", "simulate"] and method == "POST":
+            request = json.loads(body or b"{}")
+            role = self.function(request["function"]).spec.role_arn
+            allowed = iam.evaluate(self._role_documents.get(role, []), request["action"], request["resource"],
+                                   request.get("context"))
+            return answer(200, {"role": role, "allowed": allowed})
+        if parts[1:] == ["invariants"]:
+            return answer(200, self.invariant_violations())
         if len(parts) == 4 and parts[1] == "rules" and parts[3] == "run" and method == "POST":
             return answer(*self.run_rule(parts[2]))
+        if parts[1:] == ["sagemaker"] and method == "GET":
+            return answer(200, self.endpoints())
         if parts[1:] == ["sagemaker"] and method == "POST":
             settings = json.loads(body or b"{}")
             if "update_seconds" in settings:
                 self.sagemaker.update_seconds = float(settings["update_seconds"])
             return answer(200, {"update_seconds": self.sagemaker.update_seconds})
         return answer(404, {"message": f"no local route {path}"})
+
+    def endpoints(self) -> dict[str, dict[str, Any]]:
+        """Each SageMaker endpoint: its status, config, and the maas version its model serves."""
+        backend = self.sagemaker.backend()
+        found = {}
+        for name, endpoint in backend.endpoints.items():
+            config = backend.endpoint_configs.get(endpoint.endpoint_config_name)
+            model = backend._models.get(config.production_variants[0]["ModelName"]) if config else None
+            environment = (model.primary_container or {}).get("Environment", {}) if model else {}
+            found[name] = {"status": endpoint.endpoint_status, "config": endpoint.endpoint_config_name,
+                           "version": environment.get("MAAS_MODEL_VERSION"),
+                           "pending": endpoint.pending_deployment_summary}
+        return found
 
     def run_rule(self, name: str) -> tuple[int, Any]:
         """A scheduled rule's targets, invoked now the way EventBridge would (its resource policy checked)."""
@@ -414,6 +435,17 @@ class LocalStack:
                                 "payload": None if result.error else result.json()})
             return 200, results
         return 404, {"message": f"no rule {name}"}
+
+    def invariant_violations(self) -> list[str]:
+        """The registry's invariants, checked with the operator's rights (``maas.services.invariants``)."""
+        from maas.backends.aws import AwsBackend
+        from maas.services.invariants import check_invariants
+        from maas.settings import Settings
+
+        table, bucket = self.registry()
+        backend = AwsBackend(Settings.from_env(self.workdir / "operator"), bucket=bucket, table=table,
+                             s3=self._client("s3"), dynamodb=self._client("dynamodb"))
+        return check_invariants(backend.registry, backend.artifacts)
 
     # -- the first token ----------------------------------------------------------------------------
 

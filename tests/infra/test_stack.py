@@ -17,7 +17,11 @@ from infra.deploy_workflow import (
     FAILED_STATE,
     FAILURE_PATH,
     ROLLBACK_FAILED_STATE,
+    START_STATE,
     SUCCEEDED_STATE,
+    UNDO_PATH,
+    UNDO_STATE,
+    UNDONE_STATE,
     WAIT_STATE,
     state_name,
     state_name_of,
@@ -476,9 +480,14 @@ def test_state_machine_is_the_step_list(dev: Synthesized) -> None:
     definition = state_machine_definition(dev)
     states = definition["States"]
     forward = [state_name(step) for step in WORKFLOW]
-    assert definition["StartAt"] == forward[0]
-    assert set(states) == {*forward, state_name(ROLLBACK), SUCCEEDED_STATE, FAILED_STATE, WAIT_STATE, CHOICE_STATE,
-                           ROLLBACK_FAILED_STATE}
+    # a deployment's input starts the first step; a manual rollback's endpoint undo its own branch
+    assert definition["StartAt"] == START_STATE
+    start = states[START_STATE]
+    assert start["Default"] == forward[0]
+    assert start["Choices"] == [{"And": [{"Variable": UNDO_PATH, "IsPresent": True},
+                                         {"Variable": UNDO_PATH, "BooleanEquals": True}], "Next": UNDO_STATE}]
+    assert set(states) == {START_STATE, *forward, state_name(ROLLBACK), SUCCEEDED_STATE, FAILED_STATE, WAIT_STATE,
+                           CHOICE_STATE, ROLLBACK_FAILED_STATE, UNDO_STATE, UNDONE_STATE}
     tasks = dev.stack.functions.deploy_tasks
     for index, step in enumerate(WORKFLOW):
         state = states[state_name(step)]
@@ -514,6 +523,11 @@ def test_state_machine_is_the_step_list(dev: Synthesized) -> None:
                                   "Next": ROLLBACK_FAILED_STATE}]
     assert states[ROLLBACK_FAILED_STATE]["Type"] == "Fail"
     assert states[ROLLBACK_FAILED_STATE]["Error"] == "RollbackFailed"
+    # the undo branch is the same task with the same patience, ending in success
+    undo = states[UNDO_STATE]
+    assert undo["Resource"] == rollback["Resource"] and undo["Retry"] == rollback["Retry"]
+    assert undo["Catch"] == rollback["Catch"] and undo["Next"] == UNDONE_STATE
+    assert states[UNDONE_STATE]["Type"] == "Succeed"
 
 
 def test_state_machine_is_standard_logged_and_traced(dev: Synthesized) -> None:
@@ -592,7 +606,13 @@ def test_the_api_function_gets_the_sagemaker_target(pools: Synthesized, aws_cred
     for key in (ENV_SAGEMAKER_ROLE, ENV_SAGEMAKER_IMAGE, ENV_ROLLBACK_ALARMS):
         assert api[key] == task[key], key
         monkeypatch.setenv(key, resolve(api[key]))
-    target = sagemaker_target_from_env(Settings(), "bucket")
+    from maas.backends.aws.clients import session
+
+    try:
+        target = sagemaker_target_from_env(Settings(), "bucket")
+    finally:
+        # the shared botocore session was made outside moto: later tests must not inherit it
+        session.cache_clear()
     assert target is not None and target.alarm_names == ("maas-dev-InferenceErrorRate", "maas-dev-ApiLatencyP99")
 
 

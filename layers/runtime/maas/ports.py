@@ -259,6 +259,12 @@ class DeployExecutor(Protocol):
         wait; stop a Step Functions execution). The steps already leave a cancelled deployment alone."""
         ...
 
+    def undo_endpoint(self, deployment: Deployment) -> None:
+        """A manual rollback ended a deployment whose endpoint target refused to roll back now (an
+        endpoint update still runs, and SageMaker cannot stop one): put the endpoint back on its
+        previous configuration once the target accepts it, retrying as the rollback step does."""
+        ...
+
 
 @dataclass(frozen=True)
 class VersionHealth:

@@ -401,6 +401,12 @@ def models_push(
         typer.Option("--goal", help="With --optimize: latency (must be faster, the default) or size (smaller, "
                                     "not slower)."),
     ] = None,
+    part_size_mib: Annotated[
+        int | None,
+        typer.Option("--part-size", min=5, max=5120, metavar="MIB",
+                     help="Upload files larger than this in parts of this many MiB (S3 multipart: 5 to 5120; "
+                          "default 64). Smaller parts retry faster on slow links."),
+    ] = None,
 ) -> None:
     """Upload an ONNX file as the model's next version, then verify and validate it.
 
@@ -429,7 +435,8 @@ def models_push(
         def on_progress(sent: int, total: int) -> None:
             progress.update(task, completed=sent, total=total)
 
-        version = client.push(name, file, description=description, progress=on_progress)
+        version = client.push(name, file, description=description, progress=on_progress,
+                              part_size=part_size_mib * 1024 * 1024 if part_size_mib is not None else None)
         optimized: dict[str, Any] | None = None
         optimize_error: str | None = None
         if optimize:

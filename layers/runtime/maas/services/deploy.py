@@ -191,6 +191,9 @@ class StepInput(BaseModel):
     wait_seconds: int = Field(default=0, ge=0, le=86_400)
     #: check_health's output: true -> promote, false -> shift traffic again
     done: bool = False
+    #: a manual rollback's follow-up (``DeployExecutor.undo_endpoint``): only put the endpoint target
+    #: back; the deployment itself is already ended (absent from a deploy's own state JSON)
+    undo_endpoint: bool | None = None
 
     @field_validator("model")
     @classmethod
@@ -385,12 +388,15 @@ class DeployWorkflow:
         (``Unhealthy``), FAILED otherwise, with an event naming the step that failed
         (``<step>_failed``) and why, and no traffic left on the version (an endpoint target is told to
         roll back). The live route then falls back to the previous SUCCEEDED deployment: the stable
-        version keeps serving. A finished (or deleted) deployment is left as is."""
+        version keeps serving. A finished (or deleted) deployment is left as is, except that an
+        ``undo_endpoint`` input rolls its endpoint target back (a manual rollback's follow-up)."""
         try:
             deployment = self._deployment(step)
         except NotFound:
             return step.forward()
         if deployment.status.terminal:
+            if step.undo_endpoint and deployment.target in self.targets:
+                self.targets[deployment.target].rollback(deployment)
             return step.forward()
         target = self.targets.get(deployment.target)
         if target is not None:
@@ -657,6 +663,25 @@ class InProcessExecutor:
         with self._lock:
             event = self._cancelled.setdefault(deployment.id, threading.Event())
         event.set()
+
+    def undo_endpoint(self, deployment: Deployment) -> None:
+        """Roll the endpoint target back in a background thread, retrying ``ROLLBACK``'s transient
+        errors on its schedule (an endpoint update runs for minutes)."""
+        def undo() -> None:
+            step = StepInput(model=deployment.model, deployment_id=deployment.id, undo_endpoint=True)
+            delay = float(ROLLBACK.retry_interval_s)
+            for attempt in range(ROLLBACK.retry_attempts + 1):
+                try:
+                    self.workflow.rollback(step)
+                    return
+                except Exception as error:
+                    if type(error).__name__ not in ROLLBACK.retry_on or attempt == ROLLBACK.retry_attempts:
+                        log.exception("could not roll back the endpoint of deployment %s", deployment.id)
+                        return
+                self._sleep(delay)
+                delay = min(delay * 2, float(ROLLBACK.retry_max_delay_s or delay * 2))
+
+        threading.Thread(target=undo, daemon=True, name=f"maas-undo-{deployment.id[:8]}").start()
 
     def join(self, deployment_id: str, timeout: float | None = None) -> bool:
         """Wait for a background workflow to end; True if none is running."""

@@ -27,7 +27,7 @@ from maas.domain import (
     check_model_name,
     check_version_number,
 )
-from maas.errors import Conflict, InvalidInput, NotFound
+from maas.errors import Conflict, InvalidInput, NotFound, Unavailable
 from maas.ports import DeployExecutor, EndpointTarget, HealthSource, Registry
 from maas.services.deploy import (
     MAX_TOTAL_BAKE_SECONDS,
@@ -238,6 +238,18 @@ class DeploymentService:
         if target is not None:
             try:
                 target.rollback(cancelled)
+            except Unavailable as busy:
+                # An endpoint update still runs (SageMaker cannot stop one): the executor puts the
+                # endpoint back when the update settles, and the deployment's history says so.
+                log.info("endpoint of deployment %s busy (%s): rolling it back when it settles", cancelled.id, busy)
+                try:
+                    self._executor.undo_endpoint(cancelled)
+                    self._registry.update_deployment(cancelled.with_event(
+                        "endpoint_rollback_pending",
+                        f"the {cancelled.target} endpoint is still updating: it goes back to the previous "
+                        "version as soon as the update settles"), DeploymentStatus.ROLLED_BACK)
+                except Exception:
+                    log.exception("could not schedule the endpoint rollback of deployment %s", cancelled.id)
             except Exception:
                 log.exception("could not roll back the %s endpoint of deployment %s", cancelled.target,
                               cancelled.id)

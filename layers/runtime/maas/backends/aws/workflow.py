@@ -18,6 +18,8 @@ from maas.errors import Conflict
 from maas.services.deploy import StepInput
 
 WHAT = "the deploy workflow"
+#: the execution that rolls a cancelled deployment's endpoint back is named ``<deployment id>-undo``
+UNDO_SUFFIX = "-undo"
 
 
 class StepFunctionsExecutor:
@@ -62,6 +64,19 @@ class StepFunctionsExecutor:
                                            cause="the deployment was rolled back by hand")
             except ClientError as error:
                 if error_code(error) not in ("ExecutionDoesNotExist", "ValidationException"):
+                    raise
+
+    def undo_endpoint(self, deployment: Deployment) -> None:
+        """Start the state machine's endpoint-only branch (``undo_endpoint`` in the input): its
+        rollback task retries until SageMaker accepts the update back. One per deployment."""
+        payload = json.dumps(StepInput(model=deployment.model, deployment_id=deployment.id, undo_endpoint=True)
+                             .dump(), sort_keys=True, separators=(",", ":"))
+        with aws_errors(WHAT):
+            try:
+                self.client.start_execution(stateMachineArn=self.state_machine_arn,
+                                            name=f"{deployment.id}{UNDO_SUFFIX}", input=payload)
+            except ClientError as error:
+                if error_code(error) != "ExecutionAlreadyExists":
                     raise
 
     def _check_same_input(self, deployment: Deployment, payload: str) -> None:
