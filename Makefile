@@ -9,8 +9,12 @@ SAM_VENV ?= .venv-sam
 SAM_CLI ?= aws-sam-cli==1.170.0
 export JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION = 1
 export CDK_DISABLE_VERSION_CHECK = 1
+# The Node.js the CDK toolchain runs on (jsii for the Python CDK, the cdk CLI): package.json pins it and
+# `npm ci` installs it into node_modules, so the machine's own Node only has to run npm.
+export PATH := $(CURDIR)/node_modules/.bin:$(PATH)
+STACK_ARGS ?=
 
-.PHONY: install install-dev demo serve test lint audit typecheck unit example-model synth sam clean
+.PHONY: install install-dev demo serve test lint audit typecheck unit example-model synth sam stack-local clean
 
 $(BIN)/python:
 	$(PYTHON) -c 'import sys; sys.exit("maas needs Python >= 3.11") if sys.version_info < (3, 11) else None'
@@ -39,6 +43,12 @@ sam: $(SAM_VENV)/bin/sam
 
 synth: install-dev  ## synthesize the CDK app with real (Docker-free) layer bundling into cdk.out/
 	PATH="$(CURDIR)/$(BIN):$$PATH" npx cdk synth --quiet
+
+# The synthesized stack on 127.0.0.1: moto with IAM enforced, every function from its asset, API Gateway's
+# routes and authorizer, the state machine; no AWS account, credentials or Docker. STACK_PORT (4566),
+# STACK_STAGE (dev), STACK_POOLS=1 (the image pool too); prints MAAS_URL=... and MAAS_TOKEN=...
+stack-local: $(VENV)/.installed-dev node_modules/.installed
+	$(BIN)/python -m infra.local $(STACK_ARGS)
 
 demo: install  ## start the local server, push + deploy the example model, predict, keep serving
 	$(BIN)/maas demo $(DEMO_ARGS)

@@ -246,3 +246,91 @@ def test_the_sagemaker_target_deploys_and_a_rollback_waits_out_an_endpoint_updat
     answer = infer(stack, "gpu", vector(3))
     assert answer.status_code == 200 and answer.json()["model_version"] == "1", answer.text
     stack.assert_invariants()
+
+
+# -- the front door: tokens, routes, limits ---------------------------------------------------------
+
+
+def test_a_revoked_token_is_refused_within_seconds_though_the_authorizer_caches_it(stack: Stack,
+                                                                                   tmp_path: Path) -> None:
+    stack.cli("models", "push", "door", write(tmp_path, "door.onnx", add_model(1)))
+    assert stack.cli_json("deploy", "door", "1")["status"] == "SUCCEEDED"
+    created = stack.cli_json("tokens", "create", "app", "--scope", "invoke", "--model", "door")
+    token = created["token"]
+    answer = httpx.post(f"{stack.url}/v2/models/door/infer", json=vector(2), headers=stack.headers(token), timeout=60)
+    assert answer.status_code == 200, answer.text
+    # an invoke token manages nothing: the function's own scope check, behind the authorizer
+    assert httpx.get(f"{stack.url}/models", headers=stack.headers(token), timeout=60).status_code == 403
+    stack.cli("tokens", "revoke", created["id"])
+    deadline = time.monotonic() + 30
+    while True:  # the authorizer's answer stays cached (300 s); the function re-checks within seconds
+        answer = httpx.post(f"{stack.url}/v2/models/door/infer", json=vector(2), headers=stack.headers(token),
+                            timeout=60)
+        if answer.status_code == 401:
+            break
+        assert answer.status_code == 200 and time.monotonic() < deadline, answer.text
+        time.sleep(1)
+    assert answer.headers["content-type"].startswith("application/problem+json")
+
+
+def test_api_gateway_answers_what_it_refuses_itself(stack: Stack) -> None:
+    # no token, a malformed one, an unknown one: 401 problems, from the gateway and the authorizer
+    for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": "Bearer maas_" + "x" * 40}):
+        answer = httpx.get(f"{stack.url}/models", headers=headers, timeout=60)
+        assert answer.status_code == 401, (headers, answer.text)
+        assert answer.json()["title"] == "Unauthorized"
+    # the health probes are the only public routes
+    assert httpx.get(f"{stack.url}/v2/health/live", timeout=60).status_code == 200
+    assert httpx.get(f"{stack.root}/other-stage/models", timeout=60).status_code == 403
+
+
+def test_bodies_over_the_real_limits_get_a_413_problem(stack: Stack) -> None:
+    """API Gateway takes 10 MB, but Lambda's event is 6 MB and the body arrives in it base64-encoded:
+    about 4.5 MB of body get through, JSON or binary."""
+    from infra.api import MAX_BODY_BYTES
+
+    headers = {**stack.headers(), "Content-Type": "application/octet-stream", "Inference-Header-Content-Length": "2"}
+    for size in (MAX_BODY_BYTES + 400_000, 11 * 1024 * 1024):
+        answer = httpx.post(f"{stack.url}/v2/models/door/infer", content=b"{}" + b"\0" * size, headers=headers,
+                            timeout=60)
+        assert answer.status_code == 413, (size, answer.status_code, answer.text[:200])
+        problem = answer.json()
+        assert problem["title"] == "Payload too large" and "4.5 MB" in problem["detail"]
+    # just under the limit the function itself answers (here: a body that is no OIP request)
+    answer = httpx.post(f"{stack.url}/v2/models/door/infer", content=b"{}" + b"\0" * (MAX_BODY_BYTES - 300_000),
+                        headers=headers, timeout=60)
+    assert answer.status_code not in (413, 500, 502), answer.text[:300]
+
+
+def test_a_deploy_that_would_outlast_its_execution_is_refused_and_changes_nothing(stack: Stack,
+                                                                                  tmp_path: Path) -> None:
+    for _ in range(2):
+        stack.cli("models", "push", "slow", write(tmp_path, "slow.onnx", add_model(1)))
+    assert stack.cli_json("deploy", "slow", "1")["status"] == "SUCCEEDED"
+    before = httpx.get(f"{stack.url}/models/slow/deployments", headers=stack.headers(), timeout=60).json()
+    # ten steps of a day each: nine days, where a Step Functions execution of the stack lasts one
+    refused = stack.cli("deploy", "slow", "2", "--strategy", "linear", "--step-percent", "10", "--interval",
+                        "86400", check=False)
+    assert refused.returncode != 0 and "422" in refused.stdout + refused.stderr, refused
+    assert "bake" in (refused.stdout + refused.stderr).lower()
+    after = httpx.get(f"{stack.url}/models/slow/deployments", headers=stack.headers(), timeout=60).json()
+    assert after == before
+
+
+def test_no_function_role_can_erase_a_committed_model_version(stack: Stack) -> None:
+    bucket = "arn:aws:s3:::maas-dev-modelstoremodelsb220db3a"
+    for function in ("FunctionsApi45DE0CE2", "FunctionsCleanupA2D9A62F", "FunctionsDeployOptimizeFA0CC0B6"):
+        def may(action: str, key: str, function: str = function) -> bool:
+            answer = stack.local("iam/simulate", {"function": function, "action": action,
+                                                  "resource": f"{bucket}/{key}"})
+            return bool(answer["allowed"])
+
+        assert may("s3:DeleteObject", "models/m/1/model.onnx")  # a delete marker hides a deleted version
+        assert not may("s3:DeleteObjectVersion", "models/m/1/model.onnx"), function
+        assert may("s3:DeleteObjectVersion", "uploads/abc/model.onnx")  # staged uploads are discarded
+
+
+def test_the_scheduled_cleanup_runs_with_its_own_role(stack: Stack) -> None:
+    (result,) = stack.local("rules/FunctionsCleanupSchedule098115CD/run", {})
+    assert result["error"] is None, result
+    stack.assert_invariants()
