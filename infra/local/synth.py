@@ -15,7 +15,8 @@ SKIP_BUNDLING: dict[str, list[str]] = {"aws:cdk:bundling-stacks": []}
 
 def context(stage: str, *, pools: bool = False, **extra: Any) -> dict[str, Any]:
     values: dict[str, Any] = json.loads((REPO / "cdk.json").read_text())["context"]
-    values = {**values, **SKIP_BUNDLING, "maas:stage": stage, **extra}
+    # the CLI's default: each asset-backed resource names its asset directory (what `sam build` reads)
+    values = {**values, **SKIP_BUNDLING, "aws:cdk:enable-asset-metadata": True, "maas:stage": stage, **extra}
     if pools:
         values["maas:stages"] = {stage: {"container_pools": True}}
     return values

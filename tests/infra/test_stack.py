@@ -702,3 +702,38 @@ def test_no_stage_owns_the_account_wide_api_gateway_logging_role(dev: Synthesize
     assert settings["DeletionPolicy"] == "Retain" and role["DeletionPolicy"] == "Retain"
     assert "apigateway.amazonaws.com" in json.dumps(role["Properties"]["AssumeRolePolicyDocument"])
     assert len(template["Resources"]) == 2  # nothing else lives there
+
+
+def test_the_readme_says_what_a_new_account_needs(dev: Synthesized, prod: Synthesized, pools: Synthesized) -> None:
+    """The Deploy section's list for a fresh account, checked against what the templates require."""
+    import re
+    from pathlib import Path
+
+    from maas.cli.admin import OUTPUT_BUCKET, OUTPUT_TABLE, OUTPUT_URL
+
+    repo = Path(__file__).resolve().parents[2]
+    readme = " ".join((repo / "README.md").read_text().split())
+    needs = readme[readme.index("**What a new account needs**"):readme.index("Then, with AWS credentials")]
+    # the bootstrap version the template's CheckBootstrapVersion rule demands
+    (assertion,) = dev.raw["Rules"]["CheckBootstrapVersion"]["Assertions"]
+    refused = assertion["Assert"]["Fn::Not"][0]["Fn::Contains"][0]
+    said = re.search(r"\*\*version (\d+)\*\* or later", needs)
+    assert said is not None and int(said.group(1)) == max(int(v) for v in refused) + 1
+    # the quota: what prod reserves, plus the 100 Lambda keeps unreserved
+    reserved = sum(body["Properties"].get("ReservedConcurrentExecutions", 0)
+                   for body in prod.resources("AWS::Lambda::Function").values())
+    quota = re.search(r"at least \*\*(\d+)\*\*", needs)
+    assert quota is not None and int(quota.group(1)) == reserved + 100
+    assert not any("ReservedConcurrentExecutions" in body["Properties"]
+                   for body in dev.resources("AWS::Lambda::Function").values())
+    # Docker only with container pools: no image asset otherwise
+    assert "**no Docker**" in needs
+    for synth in (dev, prod):
+        assert "container-assets" not in json.dumps(synth.raw), synth.stack.stack_name
+    assert "container-assets" in json.dumps(pools.raw)
+    # the Node.js that package.json pins
+    node = json.loads((repo / "package.json").read_text())["devDependencies"]["node"]
+    assert f"**Node.js {node.split('.')[0]}**" in needs
+    # what `maas admin bootstrap --stack` reads
+    assert {OUTPUT_URL, OUTPUT_TABLE, OUTPUT_BUCKET} <= set(dev.raw["Outputs"])
+    assert all(f"`{name}`" in needs for name in (OUTPUT_URL, OUTPUT_TABLE, OUTPUT_BUCKET))
