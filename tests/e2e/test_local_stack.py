@@ -147,6 +147,20 @@ def infer(stack: Stack, model: str, body: dict[str, Any], prefix: str = "") -> h
     return httpx.post(f"{stack.url}{prefix}/v2/models/{model}/infer", json=body, headers=stack.headers(), timeout=60)
 
 
+def settles_on(stack: Stack, model: str, version: str, timeout: float = 20.0) -> None:
+    """Every answer comes from ``version`` once the inference functions' route cache (2 s) has caught
+    up with a route change: ten answers in a row, within ``timeout``."""
+    deadline = time.monotonic() + timeout
+    in_a_row = 0
+    while in_a_row < 10:
+        answer = infer(stack, model, vector(3))
+        fresh = answer.status_code == 200 and answer.headers["x-maas-model-version"] == version
+        in_a_row = in_a_row + 1 if fresh else 0
+        assert fresh or time.monotonic() < deadline, (answer.status_code, answer.headers, answer.text[:200])
+        if not fresh:
+            time.sleep(0.5)
+
+
 # -- the main job: push, deploy, serve -------------------------------------------------------------
 
 
@@ -169,8 +183,13 @@ def test_multipart_push_deploy_and_both_pools_serve_json_and_binary(stack: Stack
             tensor.set_data_from_numpy(x, binary_data=binary)
             output = triton.InferRequestedOutput("y", binary_data=binary)
             answers.append(pool.infer("mlp", [tensor], outputs=[output], headers=stack.headers()).as_numpy("y"))
+    from maas.client import Client
+
+    with Client(stack.url, stack.token, timeout=60) as sdk:  # the SDK's JSON path, the same answer
+        answers.append(np.array(sdk.predict("mlp", {"x": x.tolist()})["outputs"][0]["data"],
+                                dtype=np.float32).reshape(2, 640))
     for answer in answers[1:]:
-        np.testing.assert_array_equal(answer, answers[0])
+        np.testing.assert_allclose(answer, answers[0], rtol=1e-6)
     assert answers[0].shape == (2, 640)
     stack.assert_invariants()
     # each function wrote its logs (and so its EMF metrics) with its own role: the image pool too
@@ -194,17 +213,18 @@ def test_canaries_promote_and_roll_back_on_their_own_and_by_hand(stack: Stack, t
         sender.start()
         try:
             started = stack.cli_json("deploy", "adder", version, "--strategy", "canary", "--canary-percent", "50",
-                                     "--bake", "8", "--max-error-rate", "0.05", "--no-wait")
+                                     "--bake", "8", "--max-error-rate", "0.05", "--no-wait",
+                                     # judged on errors only: latencies on a busy 2-core machine vary
+                                     "--max-p99-ratio", "1000")
             done = wait_for(stack, started["id"])
         finally:
             stop.set()
             sender.join(10)
         assert done["status"] == expected, done
-    answer = infer(stack, "adder", vector(3))
-    assert answer.status_code == 200 and answer.headers["x-maas-model-version"] == "2"
+    settles_on(stack, "adder", "2")
     rolled = stack.cli_json("rollback", "adder", "--to", "1")
     assert rolled["status"] in ("ROLLED_BACK", "SUCCEEDED"), rolled
-    assert infer(stack, "adder", vector(3)).headers["x-maas-model-version"] == "1"
+    settles_on(stack, "adder", "1")
     stack.assert_invariants()
 
 
