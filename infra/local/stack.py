@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -474,11 +474,3 @@ class LocalStack:
             raise RuntimeError(f"maas admin bootstrap failed: {completed.stdout}{completed.stderr}")
         return completed.stdout.strip().splitlines()[-1]
 
-
-def running(assembly: Assembly, **kwargs: Any) -> Iterator[LocalStack]:
-    """``with contextlib.contextmanager(running)(...)``-style helper for tests and ``__main__``."""
-    stack = LocalStack(assembly, **kwargs).start()
-    try:
-        yield stack
-    finally:
-        stack.stop()

@@ -27,9 +27,9 @@ from maas.domain import (
     TensorSpec,
     VersionStatus,
 )
-from maas.errors import Conflict, InvalidInput, NotFound, StorageCorrupted
+from maas.errors import Conflict, InvalidInput, NotFound, StorageCorrupted, Unauthorized
 from maas.ports import ArtifactStore, Registry, StoredArtifact
-from maas.services.tokens import hash_token
+from maas.services.tokens import TokenService, hash_token
 from maas.settings import Limits, Settings
 
 SIGNATURE = Signature(
@@ -292,6 +292,20 @@ def test_ensure_admin_token_from_environment(tmp_path: Path) -> None:
         backend.registry.revoke_token(tokens[0].id)
         with pytest.raises(Conflict):
             backend.ensure_admin_token(explicit)
+
+
+def test_rotating_the_admin_token_from_the_environment_revokes_the_previous_one(tmp_path: Path) -> None:
+    """A restart with a new MAAS_ADMIN_TOKEN once left the previous value a live admin token."""
+    first, second = "maas_" + "a" * 40, "maas_" + "b" * 40
+    with LocalBackend(Settings(home=tmp_path / "home"), validator=AcceptAll()) as backend:
+        backend.ensure_admin_token(first)
+        _, other_secret = TokenService(backend.registry).create("ops", ["admin"], created_by="someone")
+        backend.ensure_admin_token(second)
+        tokens = TokenService(backend.registry)
+        with pytest.raises(Unauthorized):
+            tokens.authenticate(f"Bearer {first}")
+        assert tokens.authenticate(f"Bearer {second}").name == ENV_ADMIN_TOKEN_NAME
+        assert tokens.authenticate(f"Bearer {other_secret}").name == "ops"  # tokens made by people stay
 
 
 def test_ensure_admin_token_is_safe_when_started_concurrently(tmp_path: Path) -> None:

@@ -431,3 +431,24 @@ def test_admin_token_from_the_environment_is_a_fallback(monkeypatch, tmp_path) -
     monkeypatch.setenv("MAAS_TOKEN", "maas_from_token_env")
     assert resolve_token(None, tmp_path) == "maas_from_token_env"
     assert resolve_token("explicit", tmp_path) == "explicit"
+
+
+@pytest.mark.parametrize(("datatype", "value", "says"), [
+    ("FP32", [1.0, 1e40], "out of the range of FP32"),  # numpy would send inf (with only a warning)
+    ("FP16", [70000.0], "out of the range of FP16"),
+    ("INT8", [1, 300], "out of the range of INT8"),  # numpy would refuse, or wrap from a float
+    ("UINT8", [-1.0], "out of the range of UINT8"),
+    ("INT32", [1.5], "whole numbers"),  # numpy would truncate to 1
+    ("INT64", [float("inf")], "finite"),
+    ("FP32", [1.0, None], "None is not a FP32 value"),  # numpy would send NaN
+])
+def test_the_sdk_never_casts_a_value_out_of_its_datatype(datatype: str, value: list[Any], says: str) -> None:
+    with pytest.raises(ValueError, match=says):
+        build_infer_request({"x": value}, {"x": datatype})
+
+
+def test_the_sdk_casts_values_that_fit_their_datatype() -> None:
+    request = build_infer_request({"x": [[1, 2.0], [3, 4]], "n": [1.0, 255.0]}, {"x": "FP32", "n": "UINT8"})
+    by_name = {item["name"]: item for item in request["inputs"]}
+    assert by_name["x"] == {"name": "x", "shape": [2, 2], "datatype": "FP32", "data": [1.0, 2.0, 3.0, 4.0]}
+    assert by_name["n"]["datatype"] == "UINT8" and by_name["n"]["data"] == [1, 255]

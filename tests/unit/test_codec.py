@@ -184,16 +184,22 @@ def test_fp16_json_output_round_trips() -> None:
     np.testing.assert_array_equal(parse(response, None).as_numpy("y"), array)
 
 
-def test_nan_and_infinity_are_written_as_null_and_read_as_nan() -> None:
+def test_nan_and_infinity_are_written_as_null() -> None:
     array = np.array([np.nan, np.inf, 1.0], dtype=np.float32)
     response, _ = encode_response("m", "1", None, [("y", array)], binary=False)
     assert orjson.loads(response)["outputs"][0]["data"] == [None, None, 1.0]
-    decoded = decode_request(
-        body({"inputs": [{"name": "x", "datatype": "FP32", "shape": [3], "data": [None, 1.0, 2.0]}]}),
-        None,
-        LIMITS,
-    )
-    assert np.isnan(decoded.inputs["x"][0])
+
+
+@pytest.mark.parametrize("datatype", ["FP16", "FP32", "FP64"])
+def test_null_is_not_a_number_for_a_float_input(datatype: str) -> None:
+    """``"data": [null, 0, 0, 0]`` once ran the model on NaN (and answered 200 with null outputs)."""
+    request = body({"inputs": [{"name": "x", "datatype": datatype, "shape": [1, 4], "data": [None, 0, 0, 0]}]})
+    with pytest.raises(InvalidInput, match=f"null is not a {datatype} number") as caught:
+        decode_request(request, None, LIMITS)
+    assert caught.value.field == "inputs[0].data"
+    nested = body({"inputs": [{"name": "x", "datatype": datatype, "shape": [2, 2], "data": [[1, 2], [3, None]]}]})
+    with pytest.raises(InvalidInput, match="null"):
+        decode_request(nested, None, LIMITS)
 
 
 def test_bytes_outputs_from_onnxruntime_str_and_invalid_utf8() -> None:

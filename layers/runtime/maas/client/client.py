@@ -200,7 +200,7 @@ def _tensor(name: str, value: Any, datatype: str | None) -> dict[str, Any]:
         if numpy_type == "object" or (numpy_type is None and _holds_text(value)):
             array = np.asarray(value, dtype=object)
         elif numpy_type is not None:
-            array = np.asarray(value, dtype=numpy_type)
+            array = _cast(name, value, str(datatype).upper(), np.dtype(numpy_type))
         else:
             array = np.asarray(value)
     oip_type = _oip_datatype(name, array)
@@ -211,6 +211,37 @@ def _tensor(name: str, value: Any, datatype: str | None) -> dict[str, Any]:
     else:
         data = flat.tolist()
     return {"name": name, "shape": [int(dim) for dim in array.shape], "datatype": oip_type, "data": data}
+
+
+def _cast(name: str, value: Any, datatype: str, target: np.dtype[Any]) -> np.ndarray[Any, Any]:
+    """``value`` as the model's datatype, refusing what the cast would change instead of sending it:
+    a number beyond the datatype's range (numpy would make it inf, or wrap it), a fraction for an
+    integer type, a missing value (None) for a number."""
+    try:
+        source = np.asarray(value)
+    except ValueError as error:
+        raise ValueError(f"input {name!r}: not a regular (non-ragged) array: {error}") from None
+    if source.dtype.kind == "O" and any(item is None for item in source.reshape(-1)):
+        raise ValueError(f"input {name!r}: None is not a {datatype} value")
+    if source.dtype.kind in "iuf" and target.kind in "iuf" and source.size:
+        values = source.astype(np.float64) if source.dtype.kind == "f" else source
+        if source.dtype.kind == "f" and not np.isfinite(values).all():
+            raise ValueError(f"input {name!r}: {datatype} values must be finite numbers")
+        if target.kind in "iu":
+            if source.dtype.kind == "f" and not (values == np.floor(values)).all():
+                raise ValueError(f"input {name!r}: {datatype} values must be whole numbers")
+            bounds = np.iinfo(target)
+            low, high = values.min(), values.max()
+            if low < bounds.min or high > bounds.max:
+                raise ValueError(f"input {name!r}: a value is out of the range of {datatype} "
+                                 f"({bounds.min} to {bounds.max})")
+        elif np.abs(values).max() > np.finfo(target).max:
+            raise ValueError(f"input {name!r}: a value is out of the range of {datatype} "
+                             f"(at most {float(np.finfo(target).max):.4g} in magnitude)")
+    try:
+        return np.asarray(value, dtype=target)
+    except (ValueError, TypeError, OverflowError) as error:
+        raise ValueError(f"input {name!r}: cannot be sent as {datatype}: {error}") from None
 
 
 def _holds_text(value: Any) -> bool:

@@ -11,7 +11,8 @@ Python. Every structural problem is checked before an array is built and raised 
 JSON conversion rules (per declared datatype):
 
 * ``FP16/FP32/FP64``: numbers, converted in one C pass by ``numpy.asarray(data, dtype=...)``; ``null``
-  reads as NaN (responses write NaN and infinities as ``null``, JSON having no such literals).
+  is refused (it is not a number) and so is a value beyond the datatype's range (it would run as an
+  infinity). Responses write NaN and infinities as ``null``, JSON having no such literals.
   Numpy's leniency is kept: booleans read as 0/1 and numeric strings as their value.
 * integer types: JSON integers within the datatype's range; fractional numbers and all-boolean data are
   rejected (a boolean among integers reads as 0/1, as numpy coerces it).
@@ -360,9 +361,12 @@ def _from_json(data: Any, datatype: str, count: int, name: str, i: int) -> np.nd
             if array.size == 0:
                 return np.empty(0, dtype=_DTYPES[datatype])
         elif datatype in _FLOAT_TYPES:
-            # Straight to the target dtype (one C pass); JSON null reads as NaN.
+            # Straight to the target dtype (one C pass); JSON null would read as NaN.
             array = np.asarray(data, dtype=_DTYPES[datatype])
-            if datatype != "FP64" and np.isinf(array).any():
+            if not np.isfinite(array).all():
+                if np.isnan(array).any():
+                    # null is not a number: a model must never run on a value the caller did not send
+                    raise InvalidInput(f"input {name!r}: null is not a {datatype} number", field=where)
                 # JSON has no infinity: an infinite value is a number too large for the datatype
                 # (1e39 as FP32), which would run as inf and come back as null.
                 raise InvalidInput(f"input {name!r}: a value is out of the range of {datatype}", field=where)

@@ -91,7 +91,8 @@ class LocalBackend:
         """Make sure an admin token exists. Returns ``(secret, created)``.
 
         With ``explicit`` (``MAAS_ADMIN_TOKEN``) that secret becomes an admin token if it is not one
-        already. Otherwise the token saved in ``<home>/admin-token`` is reused while it is valid,
+        already, and the tokens earlier values of ``MAAS_ADMIN_TOKEN`` made are revoked. Otherwise the
+        token saved in ``<home>/admin-token`` is reused while it is valid,
         or a new one is created and saved there (mode 0600); ``created`` says the caller should show it.
         """
         tokens = TokenService(self.registry)
@@ -99,10 +100,16 @@ class LocalBackend:
             if explicit:
                 existing = self.registry.find_token(hash_token(explicit))
                 if existing is None:
-                    tokens.create(ENV_ADMIN_TOKEN_NAME, [Scope.ADMIN.value], created_by="maas", raw=explicit)
+                    existing, _ = tokens.create(ENV_ADMIN_TOKEN_NAME, [Scope.ADMIN.value], created_by="maas",
+                                                raw=explicit)
                 elif not _is_admin(existing):
                     raise Conflict("MAAS_ADMIN_TOKEN is a token that is revoked or not an unrestricted "
                                    "admin token; choose another secret", field="MAAS_ADMIN_TOKEN")
+                # Rotating MAAS_ADMIN_TOKEN retires the secret it replaces: only the current one stays live.
+                for token in self.registry.list_tokens():
+                    if (token.name == ENV_ADMIN_TOKEN_NAME and token.created_by == "maas" and not token.revoked
+                            and token.id != existing.id):
+                        self.registry.revoke_token(token.id)
                 return explicit, False
             path = self.home / ADMIN_TOKEN_FILE
             saved = self._read_token_file(path)
