@@ -377,9 +377,9 @@ class InferenceFunction:
         call.model = name
         if action == "/infer":
             self._allow(method, "POST")
-            self._authorize(request, name)  # before the path rules: anonymous callers learn nothing
+            token = self._authorize(request, name)  # before the path rules: anonymous callers learn nothing
             check_path(name, ref)
-            return self._infer(request, name, ref, call)
+            return self._infer(request, token, name, ref, call)
         self._allow(method, "GET")
         self._authorize(request, name)
         check_path(name, ref)
@@ -412,17 +412,17 @@ class InferenceFunction:
         route = self.resolver.route(name)
         return route if route is not None and route.target == SAGEMAKER_TARGET else None
 
-    def _infer(self, request: HttpRequest, name: str, ref: str | None, call: _Call) -> HttpResponse:
+    def _infer(self, request: HttpRequest, token: Token, name: str, ref: str | None, call: _Call) -> HttpResponse:
         route = self._sagemaker_route(name)
         if route is not None:
             return self._proxy(request, name, ref, route, call)
-        chosen = self.resolver.pick(name, ref)
+        chosen, routed = self.resolver.pick_for(token, name, ref)
         call.version = chosen.version
         tracer.put_annotation("model", name)
         header_length = self._header_length(request)
         decoded = decode_request(request.body, header_length, self.settings.limits)
         call.engine_ran = True
-        outputs = self.engine.infer(chosen, decoded)
+        outputs = self.engine.infer(chosen, decoded, routed=routed)
         payload, json_length = encode_response(name, str(chosen.version), decoded.id, outputs,
                                                decoded.response_binary())
         return self._answer(payload, json_length, chosen.version)

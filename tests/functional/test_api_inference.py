@@ -149,3 +149,49 @@ def test_lost_artifact_is_a_storage_fault_without_internals(client: TestClient, 
     assert body["title"] == "Stored artifact is corrupted"
     assert str(backend.settings.home) not in response.text and "Traceback" not in response.text
     assert TEST_BUCKET not in response.text and "s3://" not in response.text
+
+
+def gather_model() -> bytes:
+    """An embedding lookup: ids index a 10-row table (an id of 10 or more is the caller's mistake)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from tests.models import _serialize
+
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["y"])], "embed",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["n"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])],
+        initializer=[numpy_helper.from_array(np.ones((10, 4), np.float32), "table")])
+    return _serialize(graph)
+
+
+def test_an_input_the_model_refuses_is_a_400_and_no_error_of_the_version(client: TestClient) -> None:
+    push(client, "embed", gather_model())
+    assert client.post("/models/embed/deployments", json={"version": 1}).status_code == 201
+
+    def ids(*values: int) -> dict[str, object]:
+        return {"inputs": [{"name": "ids", "shape": [len(values)], "datatype": "INT64", "data": list(values)}]}
+
+    assert client.post("/v2/models/embed/infer", json=ids(1, 9)).status_code == 200
+    refused = client.post("/v2/models/embed/infer", json=ids(1, 12))
+    body = assert_problem(refused, 400)
+    assert body["title"] == "Input rejected by the model" and "out of data bounds" in body["detail"]
+    metrics = client.get("/metrics").text
+    assert 'maas_errors_total{model="embed",version="1"} 0.0' in metrics
+
+
+def test_an_invoke_token_may_name_live_versions_only(client: TestClient, example_bytes: bytes) -> None:
+    push(client, "iris", example_bytes)
+    push(client, "iris", example_bytes, create=False)
+    assert client.post("/models/iris/deployments", json={"version": 1}).status_code == 201
+    app_token = client.post("/tokens", json={"name": "app", "scopes": ["invoke"]}).json()["token"]
+    deployer = client.post("/tokens", json={"name": "ci", "scopes": ["deploy"]}).json()["token"]
+
+    def infer(path: str, token: str) -> object:
+        return client.post(path, json=EXAMPLE_REQUEST, headers={"Authorization": f"Bearer {token}"})
+
+    assert infer("/v2/models/iris/versions/1/infer", app_token).status_code == 200  # live
+    refused = infer("/v2/models/iris/versions/2/infer", app_token)
+    assert "not live" in assert_problem(refused, 403)["detail"]
+    answer = infer("/v2/models/iris/versions/2/infer", deployer)
+    assert answer.status_code == 200 and answer.headers["X-Maas-Model-Version"] == "2"

@@ -225,15 +225,22 @@ def test_version_pinned_route_and_alias(fn: ModuleType, world: World) -> None:
     AliasService(world.backend.registry).set("scale", "champion", 2)
     request = orjson.dumps({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]})
 
-    def ask(path: str) -> tuple[str, list[float]]:
-        answer = infer(fn, world, "v2_http_json_infer_prod", path=path, body=request)
+    _, deployer = world.tokens.create("ci", ["deploy"])
+
+    def ask(path: str, token: str = deployer) -> tuple[str, list[float]]:
+        answer = call(fn, api_event("v2_http_json_infer_prod", token=token, body=request, path=path))
         assert answer.status == 200, answer.body
         return answer.headers["X-Maas-Model-Version"], answer.json()["outputs"][0]["data"]
 
-    assert ask("/v2/models/scale/infer") == ("1", [2.0, 4.0, 6.0, 8.0])
+    assert ask("/v2/models/scale/infer", world.token) == ("1", [2.0, 4.0, 6.0, 8.0])
+    assert ask("/v2/models/scale/versions/1/infer", world.token) == ("1", [2.0, 4.0, 6.0, 8.0])  # live
+    # a version that is not live answers a deploy token (to try it before deploying it)...
     assert ask("/v2/models/scale/versions/2/infer") == ("2", [3.0, 6.0, 9.0, 12.0])
     assert ask("/v2/models/scale/versions/champion/infer") == ("2", [3.0, 6.0, 9.0, 12.0])
-    assert ask("/v2/models/scale/versions/1/infer") == ("1", [2.0, 4.0, 6.0, 8.0])
+    # ... never an application's invoke token
+    for path in ("/v2/models/scale/versions/2/infer", "/v2/models/scale/versions/champion/infer"):
+        refused = call(fn, api_event("v2_http_json_infer_prod", token=world.token, body=request, path=path))
+        assert "not live" in assert_problem(refused, 403)["detail"]
 
 
 def test_metadata_ready_and_health_routes(fn: ModuleType, world: World) -> None:
@@ -495,6 +502,21 @@ def test_emf_metrics_per_model_and_version(fn: ModuleType, world: World,
     failed = emf_documents(capsys.readouterr().out)
     assert [(d.get("model"), d.get("Errors")) for d in failed] == [("iris", [1.0])]
     assert failed[0]["_aws"]["CloudWatchMetrics"][0]["Dimensions"] == [["model"]]
+
+
+def test_requests_naming_their_version_are_pinned_metrics(fn: ModuleType, world: World,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """The deploy health check and the alarms read Invocations/Errors/ModelLatency: a request that
+    named its version feeds PinnedInvocations/PinnedErrors/PinnedModelLatency instead."""
+    assert infer(fn, world).status == 200
+    capsys.readouterr()
+    assert infer(fn, world, path="/v2/models/iris/versions/1/infer").status == 200
+    (document,) = [d for d in emf_documents(capsys.readouterr().out) if d.get("model") == "iris"]
+    assert document["PinnedInvocations"] == [1.0] and document["PinnedErrors"] == [0.0]
+    assert document["PinnedModelLatency"][0] > 0
+    assert "Invocations" not in document and "Errors" not in document and "ModelLatency" not in document
+    units = {m["Name"]: m["Unit"] for m in document["_aws"]["CloudWatchMetrics"][0]["Metrics"]}
+    assert units["PinnedInvocations"] == "Count" and units["PinnedModelLatency"] == "Milliseconds"
 
 
 # ------------------------------------------------------------------------------------ cold start, image

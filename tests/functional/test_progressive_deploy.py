@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import random
 import threading
 import time
 from collections import Counter
@@ -127,9 +128,10 @@ class World:
         return self.models.commit_version(name, pending.version.version, sha256=digest, size=len(data))
 
     def infer(self, version: str | None = None, rows: int = 1, name: str = "m") -> str:
-        """One request as the inference route runs it; returns the version that answered."""
+        """One request as the inference route runs it (a version named in the URL is not the router's
+        traffic); returns the version that answered."""
         chosen = self.resolver.pick(name, version)
-        self.engine.infer(chosen, decode_request(request(rows), None, self.settings.limits))
+        self.engine.infer(chosen, decode_request(request(rows), None, self.settings.limits), routed=version is None)
         return str(chosen.version)
 
     def traffic(self, count: int = 20) -> None:
@@ -153,7 +155,7 @@ def make_world(backend: Any, settings: Settings, *, background: bool = False, re
     models = ModelService(backend.registry, backend.artifacts, InProcessValidator(settings), settings.limits)
     recorder = HealthRecorder()
     engine = InferenceEngine(artifact_reader(backend.artifacts), settings.limits, recorder)
-    resolver = ServingResolver(backend.registry, models)
+    resolver = ServingResolver(backend.registry, models, rng=random.Random(7).random)  # a repeatable split
     workflow = DeployWorkflow(backend.registry, models, SmokeTest(engine), health=recorder)
     workflow.on_route_change = resolver.invalidate
     holder: dict[str, World] = {}
@@ -233,15 +235,38 @@ def test_a_version_failing_the_smoke_test_never_gets_traffic(world: World, strat
     assert world.failures == [] and set(world.answered) == {"1"}
 
 
+@pytest.mark.parametrize("strategy", ["canary", "linear"])
+def test_requests_that_name_the_canary_cannot_veto_it(world: World, strategy: str) -> None:
+    """An invoke token once rolled a byte-identical canary back by sending it failing (or slow)
+    requests through ``/versions/{v}/infer``: only the router's traffic is the canary's health."""
+    world.service.deploy("m", world.push(scale_model(1.0)).version)
+    world.during_bake.append(world.traffic)
+
+    def pinned_failures() -> None:
+        for _ in range(20):
+            with pytest.raises(MaasError):
+                world.infer("2", rows=3)
+
+    world.during_bake.append(pinned_failures)
+    done = world.service.deploy("m", world.push(one_row_model()).version, **STRATEGIES[strategy])
+    assert done.status is DeploymentStatus.SUCCEEDED, kinds(done)
+    checked = [e.detail for e in done.events if e.kind == "health_checked"]
+    assert checked and all(" 0 errors" in detail for detail in checked), checked
+
+
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
 def test_a_version_erroring_during_the_bake_is_rolled_back_and_stable_serves(world: World, strategy: str) -> None:
     world.service.deploy("m", world.push(scale_model(1.0)).version)
     world.during_bake.append(world.traffic)
 
-    def canary_errors() -> None:  # requests the canary fails on (a batch of 3), sent to it by name
-        for _ in range(5):
-            with pytest.raises(MaasError):
-                world.infer("2", rows=3)
+    failed_on_canary: list[str] = []
+
+    def canary_errors() -> None:  # requests the canary fails on (a batch of 3), as the router splits them
+        for _ in range(20):
+            try:
+                world.infer(rows=3)
+            except MaasError as error:
+                failed_on_canary.append(error.detail)
 
     world.during_bake.append(canary_errors)
     with pytest.raises(Unhealthy) as raised:
@@ -251,6 +276,7 @@ def test_a_version_erroring_during_the_bake_is_rolled_back_and_stable_serves(wor
     assert failed.status is DeploymentStatus.ROLLED_BACK
     assert kinds(failed) == ["started", "validated", "smoke_test_passed", "traffic_shifted", "check_health_failed"]
     assert "errors" in failed.events[-1].detail and failed.canary_weight == 0.0
+    assert failed_on_canary and all("version 2" in detail for detail in failed_on_canary)
     assert world.weights == SHIFTS[strategy][:1]  # the first bake failed: no further step
     # the stable version kept serving: no request failed because of the switch, and it serves all now
     assert world.failures == [] and (strategy == "all_at_once" or world.answered["1"] > 0)  # all_at_once bakes at 100%

@@ -16,10 +16,10 @@ import onnxruntime as ort
 import orjson
 import pytest
 import tritonclient.http as triton
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from maas.domain import ModelVersion, Signature, TensorSpec, VersionStatus
-from maas.errors import InferenceFailed, InvalidInput, NotReady, StorageCorrupted
+from maas.errors import InferenceFailed, InputRejected, InvalidInput, NotReady, StorageCorrupted
 from maas.examples import EXAMPLE_REQUEST, example_model_path
 from maas.inference.codec import DecodedRequest, decode_request, encode_response
 from maas.inference.engine import InferenceEngine, SessionCache, default_session_options, ort_threads
@@ -96,12 +96,15 @@ class RecordingMetrics:
 
     invocations: list[tuple[str, int, bool]] = field(default_factory=list)
     latencies: list[float] = field(default_factory=list)
+    routed: list[bool] = field(default_factory=list)
     caches: list[tuple[str, int, bool]] = field(default_factory=list)
     loads: list[tuple[str, int, float]] = field(default_factory=list)
 
-    def invocation(self, model: str, version: int, *, latency_s: float, error: bool) -> None:
+    def invocation(self, model: str, version: int, *, latency_s: float, error: bool,
+                   routed: bool = True) -> None:
         self.invocations.append((model, version, error))
         self.latencies.append(latency_s)
+        self.routed.append(routed)
 
     def cache(self, model: str, version: int, *, hit: bool) -> None:
         self.caches.append((model, version, hit))
@@ -580,3 +583,28 @@ def test_shared_symbolic_dimensions_must_agree_before_running() -> None:
         engine.infer(version, request_of({"a": np.ones(2, np.float32), "b": np.ones(3, np.float32)}))
     assert "'N'" in raised.value.detail and "a[0]=2" in raised.value.detail
     assert [error for *_, error in metrics.invocations] == [False, False]  # a client error, not the model's
+
+
+def test_an_input_the_model_refuses_is_a_client_error_not_a_failure() -> None:
+    """onnxruntime's INVALID_ARGUMENT (a token id beyond the embedding table) once answered 500
+    "Inference failed" and counted against the version: a canary of an identical model was rolled back."""
+    data = build_model(
+        [helper.make_node("Gather", ["table", "ids"], ["y"])],
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["n"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])],
+        [numpy_helper.from_array(np.ones((10, 4), np.float32), "table")],
+    )
+    signature = Signature(
+        inputs=(TensorSpec(name="ids", datatype="INT64", shape=(-1,)),),
+        outputs=(TensorSpec(name="y", datatype="FP32", shape=(-1, 4)),),
+    )
+    metrics = RecordingMetrics()
+    engine, _ = engine_for(data, metrics=metrics)
+    version = version_of(data, signature, model="embed")
+    assert engine.infer(version, request_of({"ids": np.array([3, 9])}))[0][1].shape == (2, 4)
+    with pytest.raises(InputRejected) as info:
+        engine.infer(version, request_of({"ids": np.array([3, 12])}), routed=False)
+    assert info.value.status == 400 and "out of data bounds" in info.value.detail
+    assert "embed" in info.value.detail and "/" not in info.value.detail
+    assert [error for _, _, error in metrics.invocations] == [False, False]
+    assert metrics.routed == [True, False]

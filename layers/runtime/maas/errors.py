@@ -134,6 +134,16 @@ class Unavailable(MaasError):
         self.retry_after = retry_after
 
 
+class InputRejected(MaasError):
+    """onnxruntime refused the request's values while running the model (``INVALID_ARGUMENT``: a token
+    id beyond the vocabulary, a sequence longer than the model's positions): the caller's input, not a
+    server fault, so it never counts against the version's health."""
+
+    status = 400
+    title = "Input rejected by the model"
+    slug = "input-rejected"
+
+
 class InferenceFailed(MaasError):
     """onnxruntime raised while running a model on inputs that passed the signature checks."""
 

@@ -227,15 +227,20 @@ class Validator(Protocol):
 
 
 class Metrics(Protocol):
-    """Per model-version counters and timings (Prometheus locally, EMF/CloudWatch on AWS)."""
+    """Per model-version counters and timings (Prometheus locally, EMF/CloudWatch on AWS).
 
-    def invocation(self, model: str, version: int, *, latency_s: float, error: bool) -> None: ...
+    ``routed`` is False for a request that named its version (``/versions/{v}/infer``): the router did
+    not send it, so it never counts toward a deploy's health (a caller could otherwise veto a canary)."""
+
+    def invocation(self, model: str, version: int, *, latency_s: float, error: bool,
+                   routed: bool = True) -> None: ...
     def cache(self, model: str, version: int, *, hit: bool) -> None: ...
     def model_load(self, model: str, version: int, *, seconds: float) -> None: ...
 
 
 class NullMetrics:
-    def invocation(self, model: str, version: int, *, latency_s: float, error: bool) -> None:
+    def invocation(self, model: str, version: int, *, latency_s: float, error: bool,
+                   routed: bool = True) -> None:
         return None
 
     def cache(self, model: str, version: int, *, hit: bool) -> None:

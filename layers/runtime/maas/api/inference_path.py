@@ -13,6 +13,7 @@ errors through ``maas.api.problems`` (a rare path: the Starlette response costs 
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import MutableMapping
 from dataclasses import dataclass
@@ -78,14 +79,14 @@ async def run_inference(services: Services, name: str, ref: str | None, authoriz
     """Authorize, route, decode, run and encode one infer request (raises ``MaasError``)."""
     token = services.auth.authenticate(authorization)
     TokenService.require(token, TokenScope.INVOKE, name)
-    chosen = services.resolver.pick(name, ref)
+    chosen, routed = services.resolver.pick_for(token, name, ref)
     decoded = decode_request(body, header_length(binary_header), services.settings.limits)
     engine = services.engine
     if chosen.sha256 in engine.cache and \
             sum(array.size for array in decoded.inputs.values()) <= INLINE_MAX_ELEMENTS:
-        outputs = engine.infer(chosen, decoded)
+        outputs = engine.infer(chosen, decoded, routed=routed)
     else:
-        outputs = await run_in_threadpool(engine.infer, chosen, decoded)
+        outputs = await run_in_threadpool(functools.partial(engine.infer, chosen, decoded, routed=routed))
     payload, json_length = encode_response(name, str(chosen.version), decoded.id, outputs,
                                            decoded.response_binary())
     return InferenceAnswer(payload, json_length, chosen.version)

@@ -42,7 +42,8 @@ class PrometheusMetrics:
                                    labels, registry=self.registry)
         self._children: dict[tuple[str, int], _VersionSeries] = {}
 
-    def invocation(self, model: str, version: int, *, latency_s: float, error: bool) -> None:
+    def invocation(self, model: str, version: int, *, latency_s: float, error: bool,
+                   routed: bool = True) -> None:
         series = self._series(model, version)
         series.invocations.inc()
         if error:
@@ -79,9 +80,10 @@ class FanOut:
     def __init__(self, *sinks: Metrics):
         self._sinks = sinks
 
-    def invocation(self, model: str, version: int, *, latency_s: float, error: bool) -> None:
+    def invocation(self, model: str, version: int, *, latency_s: float, error: bool,
+                   routed: bool = True) -> None:
         for sink in self._sinks:
-            sink.invocation(model, version, latency_s=latency_s, error=error)
+            sink.invocation(model, version, latency_s=latency_s, error=error, routed=routed)
 
     def cache(self, model: str, version: int, *, hit: bool) -> None:
         for sink in self._sinks:

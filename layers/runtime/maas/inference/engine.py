@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 import numpy as np
 
 from maas.domain import ModelVersion, Signature, TensorSpec, VersionStatus
-from maas.errors import InferenceFailed, InvalidInput, MaasError, NotReady, StorageCorrupted
+from maas.errors import InferenceFailed, InputRejected, InvalidInput, MaasError, NotReady, StorageCorrupted
 from maas.inference.codec import DecodedRequest, datatype_to_dtype
 from maas.ports import Metrics, NullMetrics
 from maas.settings import Limits
@@ -343,6 +343,13 @@ _SPACES = re.compile(r"\s+")
 _MAX_MESSAGE = 400
 
 
+def _is_invalid_argument(error: BaseException) -> bool:
+    """onnxruntime's ``InvalidArgument`` (status ``INVALID_ARGUMENT``), matched by name: the class lives
+    in its private pybind module."""
+    kind = type(error)
+    return kind.__name__ == "InvalidArgument" and kind.__module__.startswith("onnxruntime")
+
+
 def _clean_message(exc: BaseException) -> str:
     """onnxruntime's message on one line, without its error-code prefix, file paths nor C++ names."""
     text = _ORT_PREFIX.sub("", str(exc))
@@ -450,9 +457,14 @@ class InferenceEngine:
 
     # -- inference
 
-    def infer(self, version: ModelVersion, request: DecodedRequest) -> list[tuple[str, np.ndarray]]:
+    def infer(self, version: ModelVersion, request: DecodedRequest, *,
+              routed: bool = True) -> list[tuple[str, np.ndarray]]:
         """Check ``request`` against the version's signature, run it, return ``(name, array)`` pairs
-        in the requested order (every output in signature order when none were named)."""
+        in the requested order (every output in signature order when none were named). ``routed``
+        False: the caller named the version (reported so to the metrics, never to deploy health).
+
+        onnxruntime's ``INVALID_ARGUMENT`` while running (an index beyond a table, a length the model
+        cannot take) is the caller's input: ``InputRejected`` (400), not counted as an error."""
         model, number = version.model, version.version
         error = False
         started = perf_counter()
@@ -465,6 +477,10 @@ class InferenceEngine:
             try:
                 results = loaded.session.run(names, feeds)
             except Exception as exc:
+                if _is_invalid_argument(exc):
+                    raise InputRejected(
+                        f"model {model!r} version {number} cannot take this input: {_clean_message(exc)}"
+                    ) from None
                 raise InferenceFailed(
                     f"model {model!r} version {number} failed on this input: {_clean_message(exc)}"
                 ) from None
@@ -476,7 +492,8 @@ class InferenceEngine:
             error = True
             raise
         finally:
-            self._metrics.invocation(model, number, latency_s=perf_counter() - started, error=error)
+            self._metrics.invocation(model, number, latency_s=perf_counter() - started, error=error,
+                                     routed=routed)
 
     def _feeds(self, checks: _Checks, request: DecodedRequest) -> dict[str, np.ndarray]:
         inputs = request.inputs

@@ -50,7 +50,10 @@ class HealthRecorder:
 
     # -- maas.ports.Metrics
 
-    def invocation(self, model: str, version: int, *, latency_s: float, error: bool) -> None:
+    def invocation(self, model: str, version: int, *, latency_s: float, error: bool,
+                   routed: bool = True) -> None:
+        if not routed:
+            return  # a pinned request says nothing about how the router's traffic fares
         sample = (self._clock(), latency_s * 1000.0, error)
         key = (model, version)
         with self._lock:

@@ -11,8 +11,9 @@ import threading
 import time
 from collections.abc import Callable
 
-from maas.domain import ModelVersion, Route, VersionStatus, check_model_name
-from maas.errors import NotFound, NotReady, StorageCorrupted
+from maas.domain import ModelVersion, Route, Token, VersionStatus, check_model_name
+from maas.domain import Scope as TokenScope
+from maas.errors import Forbidden, NotFound, NotReady, StorageCorrupted
 from maas.ports import ArtifactStore, Registry
 from maas.services.invariants import artifact_of
 from maas.services.models import ModelService
@@ -80,6 +81,25 @@ class ServingResolver:
         with self._lock:
             self._versions[(name, number)] = (now + self._ttl, found)
         return found
+
+    def pick_for(self, token: Token, name: str, ref: str | None = None) -> tuple[ModelVersion, bool]:
+        """The version ``token`` may run, and whether the router chose it (False: the URL named it).
+
+        Who may name a version: an invoke token only the live ones (the route's stable version and a
+        canary in flight), so a version that is not deployed, or was rolled back as unhealthy, never
+        answers an application; a deploy (or admin) token any READY version, to try one before deploying
+        it or to look into why it was rolled back."""
+        chosen = self.pick(name, ref)
+        if ref is None:
+            return chosen, True
+        if not token.allows(TokenScope.DEPLOY, name):
+            route = self.route(name)
+            live = {route.stable_version, route.canary_version} if route is not None else set()
+            if chosen.version not in live:
+                raise Forbidden(f"version {chosen.version} of {name!r} is not live (not its stable version or a "
+                                "canary in flight): an invoke token may call live versions only, a deploy token "
+                                "any READY version")
+        return chosen, False
 
     def pick(self, name: str, ref: str | None = None) -> ModelVersion:
         """The version to run: the one named (number or alias), else the route's stable or canary."""

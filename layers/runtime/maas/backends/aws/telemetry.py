@@ -43,6 +43,8 @@ __all__ = [
 ]
 
 NAMESPACE = "maas"
+#: the metric names of requests that named their version (``PinnedInvocations``...)
+PINNED_PREFIX = "Pinned"
 #: Powertools' metrics for handlers that want its decorator (``@metrics.log_metrics``).
 metrics = Metrics(namespace=NAMESPACE)
 
@@ -176,7 +178,9 @@ class EmfMetrics:
     Invocations (Count), Errors (Count), ModelLatency (ms, checks + ``session.run``), OverheadLatency
     (ms, the handler's time minus ModelLatency: parsing, auth, lookups, encoding, loading), ColdStart
     (Count, the first invocation of a container), CacheHit (Count, 1 hit / 0 miss of the session
-    cache), ModelLoadTime (ms, read + verify + session build).
+    cache), ModelLoadTime (ms, read + verify + session build). A request that named its version
+    (``/versions/{v}/infer``) counts as PinnedInvocations, PinnedErrors and PinnedModelLatency instead:
+    the router did not send it, so it never weighs on a canary's health or the alarms.
     """
 
     def __init__(self, namespace: str = NAMESPACE, emit: Callable[[str], None] | None = None):
@@ -194,14 +198,18 @@ class EmfMetrics:
 
     # -- maas.ports.Metrics (called by the engine)
 
-    def invocation(self, model: str, version: int, *, latency_s: float, error: bool) -> None:
+    def invocation(self, model: str, version: int, *, latency_s: float, error: bool,
+                   routed: bool = True) -> None:
         key: Key = (model, str(version))
+        # A pinned request (``/versions/{v}``) goes under names of its own: the deploy health check
+        # and the alarms read Invocations, Errors and ModelLatency, which only the router's traffic feeds.
+        prefix = "" if routed else PINNED_PREFIX
         with self._lock:
             series = self._series(key)
-            series.setdefault("Invocations", []).append(1.0)
-            series.setdefault("Errors", []).append(1.0 if error else 0.0)
+            series.setdefault(prefix + "Invocations", []).append(1.0)
+            series.setdefault(prefix + "Errors", []).append(1.0 if error else 0.0)
             if not error:
-                series.setdefault("ModelLatency", []).append(latency_s * 1000.0)
+                series.setdefault(prefix + "ModelLatency", []).append(latency_s * 1000.0)
             self._model_seconds[key] = self._model_seconds.get(key, 0.0) + latency_s
 
     def cache(self, model: str, version: int, *, hit: bool) -> None:
@@ -276,7 +284,9 @@ class EmfMetrics:
 #: The unit of each metric (DESIGN.md section 8).
 UNITS = {"Invocations": "Count", "Errors": "Count", "ModelLatency": "Milliseconds",
          "OverheadLatency": "Milliseconds", "ColdStart": "Count", "CacheHit": "Count",
-         "ModelLoadTime": "Milliseconds"}
+         "ModelLoadTime": "Milliseconds",
+         **{PINNED_PREFIX + name: unit for name, unit in (("Invocations", "Count"), ("Errors", "Count"),
+                                                          ("ModelLatency", "Milliseconds"))}}
 
 
 def _dimensions_of(key: Key) -> dict[str, str]:
