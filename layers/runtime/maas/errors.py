@@ -134,6 +134,14 @@ class Unavailable(MaasError):
         self.retry_after = retry_after
 
 
+class RequestTimeout(MaasError):
+    """The request body stopped arriving (or took too long in all): the connection is not held open."""
+
+    status = 408
+    title = "Request timeout"
+    slug = "request-timeout"
+
+
 class InputRejected(MaasError):
     """onnxruntime refused the request's values while running the model (``INVALID_ARGUMENT``: a token
     id beyond the vocabulary, a sequence longer than the model's positions): the caller's input, not a

@@ -54,6 +54,13 @@ class Limits(BaseModel):
     #: user already runs): onnxruntime starts one, a model that somehow forks gets no further.
     validation_max_new_tasks: int = Field(default=16, ge=4)
     session_cache_bytes: int = Field(default=1024 * 1024 * 1024, gt=0)
+    #: A request body must keep arriving: at most this long between two chunks, and (uploads aside,
+    #: which stream to storage) this long in all. A stranger holding connections open gets a 408.
+    body_idle_timeout_s: float = Field(default=30.0, gt=0)
+    body_timeout_s: float = Field(default=120.0, gt=0)
+    #: Request bytes held in memory across every connection at once (uploads stream and do not count):
+    #: past it a request gets 503 with Retry-After instead of more memory.
+    max_buffered_request_bytes: int = Field(default=256 * 1024 * 1024, gt=0)
     upload_ttl_s: int = Field(default=24 * 3600, gt=0)
     page_size_max: int = Field(default=1000, gt=0)
 

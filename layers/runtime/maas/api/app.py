@@ -107,9 +107,12 @@ def create_app(backend: Backend, settings: Settings | None = None, *,
     def prometheus_metrics(services: ServicesDep, _: Invoker) -> Response:
         return Response(services.metrics.render(), media_type=PrometheusMetrics.content_type)
 
+    limits = settings.limits
     app.front = lambda stack: RequestGuard(
-        InferencePath(stack, services), max_request_bytes=settings.limits.max_request_bytes,
-        max_upload_bytes=settings.limits.max_model_bytes, allowed_hosts=allowed_hosts)
+        InferencePath(stack, services), max_request_bytes=limits.max_request_bytes,
+        max_upload_bytes=limits.max_model_bytes, allowed_hosts=allowed_hosts,
+        authenticate=services.auth.authenticate, body_idle_timeout_s=limits.body_idle_timeout_s,
+        body_timeout_s=limits.body_timeout_s, max_buffered_request_bytes=limits.max_buffered_request_bytes)
     return app
 
 

@@ -38,6 +38,8 @@ if TYPE_CHECKING:
 #: thread hop would cost more than the model. Bigger ones and first loads (reading, hashing and
 #: building a session) run in the threadpool, so they never stall the other connections.
 INLINE_MAX_ELEMENTS = 16_384
+#: Request bodies up to this size are decoded on the event loop; bigger ones in the threadpool.
+INLINE_MAX_BODY_BYTES = 256 * 1024
 INFER_ROUTE = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
 _JSON = b"application/json"
 _OCTET_STREAM = b"application/octet-stream"
@@ -80,15 +82,23 @@ async def run_inference(services: Services, name: str, ref: str | None, authoriz
     token = services.auth.authenticate(authorization)
     TokenService.require(token, TokenScope.INVOKE, name)
     chosen, routed = services.resolver.pick_for(token, name, ref)
-    decoded = decode_request(body, header_length(binary_header), services.settings.limits)
+    length = header_length(binary_header)
+    if len(body) <= INLINE_MAX_BODY_BYTES:
+        decoded = decode_request(body, length, services.settings.limits)
+    else:  # a multi-megabyte decode (1.5M strings took 3 s) must not stall every other connection
+        decoded = await run_in_threadpool(decode_request, body, length, services.settings.limits)
     engine = services.engine
-    if chosen.sha256 in engine.cache and \
-            sum(array.size for array in decoded.inputs.values()) <= INLINE_MAX_ELEMENTS:
+    small = sum(array.size for array in decoded.inputs.values()) <= INLINE_MAX_ELEMENTS
+    if chosen.sha256 in engine.cache and small:
         outputs = engine.infer(chosen, decoded, routed=routed)
     else:
         outputs = await run_in_threadpool(functools.partial(engine.infer, chosen, decoded, routed=routed))
-    payload, json_length = encode_response(name, str(chosen.version), decoded.id, outputs,
-                                           decoded.response_binary())
+    encode = functools.partial(encode_response, name, str(chosen.version), decoded.id, outputs,
+                               decoded.response_binary())
+    if sum(array.size for _, array in outputs) <= INLINE_MAX_ELEMENTS:
+        payload, json_length = encode()
+    else:  # and neither may encoding a large answer
+        payload, json_length = await run_in_threadpool(encode)
     return InferenceAnswer(payload, json_length, chosen.version)
 
 
