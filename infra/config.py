@@ -17,6 +17,7 @@ from aws_cdk import aws_logs as logs
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from maas.errors import InvalidInput
+from maas.settings import MIN_VALIDATION_MEMORY_BYTES, VALIDATION_PARENT_MB
 
 STAGE_CONTEXT_KEY = "maas:stage"
 STAGES_CONTEXT_KEY = "maas:stages"
@@ -40,6 +41,8 @@ class StageConfig(BaseModel):
     inference_memory_mb: MemoryMb
     image_inference_memory_mb: MemoryMb
     deploy_memory_mb: MemoryMb
+    #: the optimize task validates the versions it derives, as the API validates commits
+    optimize_memory_mb: MemoryMb
     authorizer_memory_mb: MemoryMb
 
     # Reserved concurrency: a cap on inference and a guarantee for management and the deploy tasks, so a
@@ -71,6 +74,16 @@ class StageConfig(BaseModel):
     container_pools: bool = False
     cleanup_every_minutes: int = Field(default=60, ge=5)
 
+    @field_validator("api_memory_mb", "optimize_memory_mb")
+    @classmethod
+    def _room_to_validate(cls, memory_mb: int) -> int:
+        """These functions validate models in a child process capped below their own memory."""
+        least = VALIDATION_PARENT_MB + MIN_VALIDATION_MEMORY_BYTES // (1024 * 1024)
+        if memory_mb < least:
+            raise ValueError(f"must be at least {least} MB: {VALIDATION_PARENT_MB} MB for the function and "
+                             f"{least - VALIDATION_PARENT_MB} MB for the model validation child it runs")
+        return memory_mb
+
     @field_validator("log_retention_days")
     @classmethod
     def _known_retention(cls, days: int) -> int:
@@ -81,10 +94,11 @@ class StageConfig(BaseModel):
 
 DEV = StageConfig(
     name="dev",
-    api_memory_mb=1024,
+    api_memory_mb=2048,
     inference_memory_mb=2048,
     image_inference_memory_mb=4096,
     deploy_memory_mb=1024,
+    optimize_memory_mb=2048,
     authorizer_memory_mb=512,
     log_retention_days=14,
 )

@@ -24,7 +24,7 @@ from constructs import Construct
 from infra.bundling import REPO_ROOT, layer_code
 from infra.config import StageConfig, log_retention
 from maas.services.deploy import ROLLBACK, WORKFLOW, StepName
-from maas.settings import ENV_ARTIFACT_CACHE_DIR, ENV_POOL_PATH
+from maas.settings import ENV_ARTIFACT_CACHE_DIR, ENV_POOL_PATH, ENV_VALIDATION_MEMORY, VALIDATION_PARENT_MB
 
 FUNCTIONS_DIR = REPO_ROOT / "functions"
 RUNTIME = lambda_.Runtime.PYTHON_3_12
@@ -68,6 +68,7 @@ class Functions(Construct):
             "Api", "api", "handler.handler", role=self.api_role, layers=[self.api_layer],
             memory=config.api_memory_mb, timeout=API_TIMEOUT, reserved=config.api_reserved_concurrency,
             description="maas management API (FastAPI behind Mangum)",
+            extra_env=validation_env(config.api_memory_mb),
         )
         self.inference = self._function(
             "Inference", "inference", "handler.handler", role=self.inference_role, layers=[self.inference_layer],
@@ -97,9 +98,11 @@ class Functions(Construct):
             self.deploy_tasks[step.name.value] = self._function(
                 f"Deploy{_camel(step.name.value)}", "deploy", f"handler.{step.name.value}",
                 role=self.optimize_role if optimizing else self.deploy_role,
-                layers=[self.api_layer if optimizing else self.inference_layer], memory=config.deploy_memory_mb,
+                layers=[self.api_layer if optimizing else self.inference_layer],
+                memory=config.optimize_memory_mb if optimizing else config.deploy_memory_mb,
                 timeout=OPTIMIZE_TIMEOUT if optimizing else DEPLOY_TIMEOUT,
                 reserved=config.deploy_reserved_concurrency, description=f"maas deploy step: {step.description}",
+                extra_env=validation_env(config.optimize_memory_mb) if optimizing else None,
             )
         self.cleanup = self._function(
             "Cleanup", "deploy", "handler.cleanup", role=self.cleanup_role, layers=[self.inference_layer],
@@ -180,6 +183,13 @@ class Functions(Construct):
             environment={**self._environment, "POWERTOOLS_SERVICE_NAME": f"maas-{role_dir}",
                          **(extra_env or {})},
         )
+
+
+def validation_env(memory_mb: int) -> dict[str, str]:
+    """A function that validates models (the API, the optimize task) gives its validation child the
+    memory it does not need itself, so a model's memory bomb hits the child's cap, not Lambda's limit
+    (which would kill the function, and with it the request)."""
+    return {ENV_VALIDATION_MEMORY: str((memory_mb - VALIDATION_PARENT_MB) * 1024 * 1024)}
 
 
 def _ephemeral(memory_mb: int) -> Size:

@@ -39,6 +39,7 @@ from maas.services.deploy import (
     WAIT_AFTER,
     WAIT_SECONDS_PATH,
     WORKFLOW,
+    StepName,
 )
 from maas.settings import (
     ENV_BUCKET,
@@ -227,7 +228,8 @@ def test_functions_memory_timeouts_and_environment(dev: Synthesized) -> None:
     assert by_id["api"]["Environment"]["Variables"][ENV_STATE_MACHINE] == {"Ref": machine_id}
     for step in (*WORKFLOW, ROLLBACK):
         props = function_by_handler(dev, f"handler.{step.name.value}")
-        assert props["Timeout"] >= 60 and props["MemorySize"] == DEV.deploy_memory_mb
+        memory = DEV.optimize_memory_mb if step.name is StepName.OPTIMIZE else DEV.deploy_memory_mb
+        assert props["Timeout"] >= 60 and props["MemorySize"] == memory
         assert props["Environment"]["Variables"][ENV_SAGEMAKER_ROLE] == {
             "Fn::GetAtt": [dev.logical_id(dev.stack.gpu.execution_role), "Arn"]}
     # log groups keep the stage's retention
@@ -737,3 +739,21 @@ def test_the_readme_says_what_a_new_account_needs(dev: Synthesized, prod: Synthe
     # what `maas admin bootstrap --stack` reads
     assert {OUTPUT_URL, OUTPUT_TABLE, OUTPUT_BUCKET} <= set(dev.raw["Outputs"])
     assert all(f"`{name}`" in needs for name in (OUTPUT_URL, OUTPUT_TABLE, OUTPUT_BUCKET))
+
+
+def test_functions_that_validate_models_leave_their_child_room(dev: Synthesized, prod: Synthesized) -> None:
+    """The API (commits) and the optimize task (derived versions) validate models in a capped child:
+    the cap plus what the function keeps must fit the function's memory, or a memory bomb kills the
+    function (Lambda's limit) before the child's cap refuses the model."""
+    from infra.config import stage_config
+    from maas.settings import ENV_VALIDATION_MEMORY, MIN_VALIDATION_MEMORY_BYTES, VALIDATION_PARENT_MB
+
+    for synth in (dev, prod):
+        f = synth.stack.functions
+        for function in (f.api, f.deploy_tasks["optimize"]):
+            props = synth.raw["Resources"][synth.logical_id(function)]["Properties"]
+            cap = int(props["Environment"]["Variables"][ENV_VALIDATION_MEMORY])
+            assert cap >= MIN_VALIDATION_MEMORY_BYTES
+            assert cap + VALIDATION_PARENT_MB * 1024 * 1024 <= props["MemorySize"] * 1024 * 1024
+    with pytest.raises(InvalidInput, match=r"api_memory_mb.*at least 1536 MB"):
+        stage_config("dev", {"dev": {"api_memory_mb": 1024}})

@@ -500,3 +500,21 @@ def test_mutated_models_are_accepted_or_rejected_never_crash(tmp_path: Path, dat
     else:
         assert isinstance(signature, Signature)
         assert np.all([spec.datatype in ONNX_TO_OIP.values() for spec in signature.inputs])
+
+
+def test_validations_beyond_the_concurrency_bound_wait_then_get_a_503() -> None:
+    """Each child may take ``validation_memory_bytes``: without a bound, concurrent commits added up
+    (five peaked at 9.6 GB). The one over the bound waits, then is told to retry; nothing is decided
+    about its model."""
+    from maas.errors import Unavailable
+
+    validator = SubprocessValidator(Limits(max_concurrent_validations=1, validation_queue_timeout_s=0.2))
+    assert validator._slots.acquire(timeout=1)  # a validation in flight holds the only slot
+    try:
+        with pytest.raises(Unavailable) as busy:
+            validator.validate(example_model_path())
+        assert busy.value.status == 503 and busy.value.retry_after > 0
+        assert "validations are running" in busy.value.detail
+    finally:
+        validator._slots.release()
+    assert [spec.name for spec in validator.validate(example_model_path()).inputs] == ["features"]

@@ -38,6 +38,13 @@ def _default_home() -> Path:
     return Path(os.environ.get("MAAS_HOME") or Path.home() / ".maas").expanduser()
 
 
+#: The validation child's address-space cap never goes below this: Python, onnx and onnxruntime need it.
+MIN_VALIDATION_MEMORY_BYTES = 1024 * 1024 * 1024
+#: What a process that validates (the API, the optimize task) keeps for itself beside its child.
+VALIDATION_PARENT_MB = 512
+ENV_VALIDATION_MEMORY = "MAAS_VALIDATION_MEMORY_BYTES"
+
+
 class Limits(BaseModel):
     """Caps that protect the server from hostile or accidental oversize input."""
 
@@ -53,6 +60,11 @@ class Limits(BaseModel):
     #: Threads and processes the validation child may start (RLIMIT_NPROC, counted above what its
     #: user already runs): onnxruntime starts one, a model that somehow forks gets no further.
     validation_max_new_tasks: int = Field(default=16, ge=4)
+    #: Validations (each a child of up to ``validation_memory_bytes``) running at once in this process;
+    #: more wait up to ``validation_queue_timeout_s``, then get 503 with Retry-After (the version stays
+    #: PENDING: committing again retries).
+    max_concurrent_validations: int = Field(default=2, ge=1)
+    validation_queue_timeout_s: float = Field(default=10.0, ge=0)
     session_cache_bytes: int = Field(default=1024 * 1024 * 1024, gt=0)
     #: A request body must keep arriving: at most this long between two chunks, and (uploads aside,
     #: which stream to storage) this long in all. A stranger holding connections open gets a 408.

@@ -37,6 +37,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -48,8 +49,9 @@ from google.protobuf.message import DecodeError, Message
 from onnx import TensorProto
 
 from maas.domain import Signature, TensorSpec
-from maas.errors import ModelRejected
+from maas.errors import ModelRejected, Unavailable
 from maas.inference.signature import quote_name, signature_from_model
+from maas.settings import MIN_VALIDATION_MEMORY_BYTES as MIN_VALIDATION_MEMORY
 from maas.settings import Limits
 
 log = logging.getLogger(__name__)
@@ -62,7 +64,7 @@ ALLOWED_DOMAINS: frozenset[str] = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.m
 #: onnx and onnxruntime and creating one session maps several hundred MiB of address space (mostly
 #: shared libraries and reserved thread stacks) before any model data; below this floor every model,
 #: even a trivial one, would be rejected as "out of memory".
-MIN_VALIDATION_MEMORY_BYTES = 1024 * 1024 * 1024
+MIN_VALIDATION_MEMORY_BYTES = MIN_VALIDATION_MEMORY
 
 #: RLIMIT_FSIZE of the child: it never writes files (results go to a pipe), so any write is refused.
 _CHILD_FSIZE_BYTES = 0
@@ -540,13 +542,27 @@ class SubprocessValidator:
 
     def __init__(self, limits: Limits) -> None:
         self.limits = limits
+        # Each child may take ``validation_memory_bytes``: five concurrent commits once peaked at 9.6 GB
+        # together, with up to 40 allowed. One bound per validator, which a server process holds once.
+        self._slots = threading.BoundedSemaphore(limits.max_concurrent_validations)
 
     def validate(self, path: Path) -> Signature:
         """Signature of the model at ``path``, or ModelRejected with the reason.
 
-        ``OSError`` if ``path`` does not exist (a storage problem, not a verdict on the model).
+        ``OSError`` if ``path`` does not exist (a storage problem, not a verdict on the model);
+        ``Unavailable`` (503, Retry-After) when ``max_concurrent_validations`` are running and none ends
+        within ``validation_queue_timeout_s``: nothing is decided about the model, a retry validates it.
         """
         path = Path(path).resolve(strict=True)
+        if not self._slots.acquire(timeout=self.limits.validation_queue_timeout_s):
+            raise Unavailable(f"{self.limits.max_concurrent_validations} validations are running, the most this "
+                              "server runs at once; commit again in a few seconds", retry_after=5)
+        try:
+            return self._validate(path)
+        finally:
+            self._slots.release()
+
+    def _validate(self, path: Path) -> Signature:
         timeout = self.limits.validation_timeout_s
         command = [
             sys.executable,
