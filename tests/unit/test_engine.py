@@ -608,3 +608,28 @@ def test_an_input_the_model_refuses_is_a_client_error_not_a_failure() -> None:
     assert "embed" in info.value.detail and "/" not in info.value.detail
     assert [error for _, _, error in metrics.invocations] == [False, False]
     assert metrics.routed == [True, False]
+
+
+def test_an_output_over_the_byte_cap_is_refused_before_it_is_encoded() -> None:
+    """An outer product of a dynamic-length vector: n floats in, n*n out."""
+    from maas.errors import OutputTooLarge
+    from maas.settings import Limits
+
+    data = build_model(
+        [helper.make_node("Unsqueeze", ["x", "a1"], ["col"]), helper.make_node("Unsqueeze", ["x", "a0"], ["row"]),
+         helper.make_node("Mul", ["col", "row"], ["y"])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", "n"])],
+        [numpy_helper.from_array(np.array([1], np.int64), "a1"),
+         numpy_helper.from_array(np.array([0], np.int64), "a0")],
+    )
+    signature = Signature(inputs=(TensorSpec(name="x", datatype="FP32", shape=(-1,)),),
+                          outputs=(TensorSpec(name="y", datatype="FP32", shape=(-1, -1)),))
+    metrics = RecordingMetrics()
+    engine, _ = engine_for(data, metrics=metrics, limits=Limits(max_output_bytes=1024 * 1024))
+    version = version_of(data, signature, model="outer")
+    assert engine.infer(version, request_of({"x": np.ones(100, np.float32)}))[0][1].shape == (100, 100)
+    with pytest.raises(OutputTooLarge) as refused:  # 1000 x 1000 floats: 4 MB > 1 MiB
+        engine.infer(version, request_of({"x": np.ones(1000, np.float32)}))
+    assert refused.value.status == 422 and "max_output_bytes" in refused.value.detail
+    assert [error for _, _, error in metrics.invocations] == [False, False]  # the request's, not the version's

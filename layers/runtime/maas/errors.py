@@ -142,6 +142,15 @@ class RequestTimeout(MaasError):
     slug = "request-timeout"
 
 
+class OutputTooLarge(MaasError):
+    """A request made the model produce more output than ``Limits.max_output_bytes``: nothing is
+    encoded or sent. A property of the request (its sizes or values), not a fault of the version."""
+
+    status = 422
+    title = "Output too large"
+    slug = "output-too-large"
+
+
 class InputRejected(MaasError):
     """onnxruntime refused the request's values while running the model (``INVALID_ARGUMENT``: a token
     id beyond the vocabulary, a sequence longer than the model's positions): the caller's input, not a

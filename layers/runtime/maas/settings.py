@@ -52,6 +52,9 @@ class Limits(BaseModel):
     max_nodes: int = Field(default=100_000, gt=0)
     max_request_bytes: int = Field(default=6 * 1024 * 1024, gt=0)
     max_tensor_elements: int = Field(default=4 * 1024 * 1024, gt=0)
+    #: The bytes a model's outputs may hold for one request (as tensors, before encoding): a 70-byte
+    #: request to an outer-product model once produced a 400 MB JSON answer.
+    max_output_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
     validation_timeout_s: float = Field(default=120.0, gt=0)
     validation_memory_bytes: int = Field(default=4 * 1024 * 1024 * 1024, gt=0)
     #: RLIMIT_NOFILE of the validation child: imports, the model file and onnxruntime's own files

@@ -20,7 +20,15 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 import numpy as np
 
 from maas.domain import ModelVersion, Signature, TensorSpec, VersionStatus
-from maas.errors import InferenceFailed, InputRejected, InvalidInput, MaasError, NotReady, StorageCorrupted
+from maas.errors import (
+    InferenceFailed,
+    InputRejected,
+    InvalidInput,
+    MaasError,
+    NotReady,
+    OutputTooLarge,
+    StorageCorrupted,
+)
 from maas.inference.codec import DecodedRequest, datatype_to_dtype
 from maas.ports import Metrics, NullMetrics
 from maas.settings import Limits
@@ -484,6 +492,12 @@ class InferenceEngine:
                 raise InferenceFailed(
                     f"model {model!r} version {number} failed on this input: {_clean_message(exc)}"
                 ) from None
+            produced = sum(int(getattr(result, "nbytes", 0)) for result in results)
+            if produced > self._limits.max_output_bytes:
+                raise OutputTooLarge(
+                    f"model {model!r} version {number} produced {produced} bytes of output for this request, more "
+                    f"than the {self._limits.max_output_bytes}-byte limit (max_output_bytes): send fewer or "
+                    "smaller inputs")
             return list(zip(names, results, strict=True))
         except MaasError as exc:
             error = exc.status >= 500
