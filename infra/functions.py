@@ -33,6 +33,9 @@ API_TIMEOUT = Duration.seconds(29)  # API Gateway's integration timeout
 DEPLOY_TIMEOUT = Duration.minutes(5)  # a smoke test loads and runs the model
 OPTIMIZE_TIMEOUT = Duration.minutes(15)  # quantize, compare on samples, validate and commit a version
 CLEANUP_TIMEOUT = Duration.minutes(15)
+#: An inference function stops a model run before API Gateway gives up on the request (29 s), so the
+#: caller gets maas's 504 naming the bound and the function is free for the next request.
+RUN_DEADLINE_ENV = {"MAAS_MAX_INFERENCE_SECONDS": "25"}
 
 
 def _camel(name: str) -> str:
@@ -76,7 +79,8 @@ class Functions(Construct):
             reserved=config.inference_reserved_concurrency,
             description="maas inference (Open Inference Protocol v2), zip pool",
             # Powertools' tracer import costs ~0.2 s of cold start; Lambda's own X-Ray segment remains.
-            extra_env={"POWERTOOLS_TRACE_DISABLED": "true", ENV_ARTIFACT_CACHE_DIR: "/tmp/maas-artifacts"},
+            extra_env={"POWERTOOLS_TRACE_DISABLED": "true", ENV_ARTIFACT_CACHE_DIR: "/tmp/maas-artifacts",
+                       **RUN_DEADLINE_ENV},
         )
         self.inference_target: lambda_.IFunction = self.inference
         if config.inference_provisioned_concurrency:
@@ -136,7 +140,8 @@ class Functions(Construct):
                 log_group=log_group,
                 description="maas inference, container-image pool for large models",
                 environment={**self._environment, "POWERTOOLS_SERVICE_NAME": "maas-inference",
-                             "POWERTOOLS_TRACE_DISABLED": "true", ENV_POOL_PATH: IMAGE_POOL_PATH},
+                             "POWERTOOLS_TRACE_DISABLED": "true", ENV_POOL_PATH: IMAGE_POOL_PATH,
+                             **RUN_DEADLINE_ENV},
             )
 
     # -- helpers ------------------------------------------------------------------------------------

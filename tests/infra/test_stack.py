@@ -757,3 +757,12 @@ def test_functions_that_validate_models_leave_their_child_room(dev: Synthesized,
             assert cap + VALIDATION_PARENT_MB * 1024 * 1024 <= props["MemorySize"] * 1024 * 1024
     with pytest.raises(InvalidInput, match=r"api_memory_mb.*at least 1536 MB"):
         stage_config("dev", {"dev": {"api_memory_mb": 1024}})
+
+
+def test_inference_functions_stop_a_model_run_before_api_gateway_gives_up(pools: Synthesized) -> None:
+    f = pools.stack.functions
+    assert f.image_inference is not None
+    for function in (f.inference, f.image_inference):
+        props = pools.raw["Resources"][pools.logical_id(function)]["Properties"]
+        deadline = float(props["Environment"]["Variables"]["MAAS_MAX_INFERENCE_SECONDS"])
+        assert 0 < deadline < props["Timeout"] <= 29

@@ -633,3 +633,53 @@ def test_an_output_over_the_byte_cap_is_refused_before_it_is_encoded() -> None:
         engine.infer(version, request_of({"x": np.ones(1000, np.float32)}))
     assert refused.value.status == 422 and "max_output_bytes" in refused.value.detail
     assert [error for _, _, error in metrics.invocations] == [False, False]  # the request's, not the version's
+
+
+def loop_model() -> bytes:
+    """A Loop whose trip count is an input: the work is whatever the request asks for."""
+    body = helper.make_graph(
+        [helper.make_node("Add", ["v_in", "one"], ["v_out"]), helper.make_node("Identity", ["cond_in"], ["cond_out"])],
+        "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("v_in", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("v_out", TensorProto.FLOAT, [1])],
+        initializer=[numpy_helper.from_array(np.ones(1, np.float32), "one")])
+    return build_model(
+        [helper.make_node("Loop", ["trips", "cond", "v0"], ["v"], body=body)],
+        [helper.make_tensor_value_info("trips", TensorProto.INT64, [1]),
+         helper.make_tensor_value_info("v0", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("v", TensorProto.FLOAT, [1])],
+        [numpy_helper.from_array(np.array(True), "cond")],
+        name="loop",
+    )
+
+
+def test_a_run_past_its_deadline_is_stopped_and_the_engine_serves_on() -> None:
+    """A Loop of 3e6 trips once held a server thread for 20 s; the deadline stops onnxruntime itself."""
+    import time
+
+    from maas.errors import InferenceTimeout
+    from maas.settings import Limits
+
+    data = loop_model()
+    signature = Signature(inputs=(TensorSpec(name="trips", datatype="INT64", shape=(1,)),
+                                  TensorSpec(name="v0", datatype="FP32", shape=(1,))),
+                          outputs=(TensorSpec(name="v", datatype="FP32", shape=(1,)),))
+    metrics = RecordingMetrics()
+    engine, _ = engine_for(data, metrics=metrics, limits=Limits(max_inference_seconds=0.5))
+    version = version_of(data, signature, model="loop")
+
+    def run(trips: int) -> Any:
+        return engine.infer(version, request_of({"trips": np.array([trips], np.int64),
+                                                 "v0": np.zeros(1, np.float32)}))
+
+    assert run(10)[0][1].tolist() == [10.0]
+    started = time.monotonic()
+    with pytest.raises(InferenceTimeout) as stopped:
+        run(2_000_000_000)  # hours of work
+    assert time.monotonic() - started < 5
+    assert stopped.value.status == 504 and "max_inference_seconds" in stopped.value.detail
+    assert run(3)[0][1].tolist() == [3.0]  # the same session serves the next request
+    assert [error for _, _, error in metrics.invocations] == [False, True, False]

@@ -142,6 +142,14 @@ class RequestTimeout(MaasError):
     slug = "request-timeout"
 
 
+class InferenceTimeout(MaasError):
+    """A model run passed ``Limits.max_inference_seconds`` and was stopped."""
+
+    status = 504
+    title = "Inference timed out"
+    slug = "inference-timeout"
+
+
 class OutputTooLarge(MaasError):
     """A request made the model produce more output than ``Limits.max_output_bytes``: nothing is
     encoded or sent. A property of the request (its sizes or values), not a fault of the version."""

@@ -52,6 +52,9 @@ class Limits(BaseModel):
     max_nodes: int = Field(default=100_000, gt=0)
     max_request_bytes: int = Field(default=6 * 1024 * 1024, gt=0)
     max_tensor_elements: int = Field(default=4 * 1024 * 1024, gt=0)
+    #: One model run's deadline: past it onnxruntime is stopped (``RunOptions.terminate``) and the
+    #: request gets 504. Bounds what an input-dependent loop or allocation can take from a server thread.
+    max_inference_seconds: float = Field(default=30.0, gt=0)
     #: The bytes a model's outputs may hold for one request (as tensors, before encoding): a 70-byte
     #: request to an outer-product model once produced a 400 MB JSON answer.
     max_output_bytes: int = Field(default=64 * 1024 * 1024, gt=0)

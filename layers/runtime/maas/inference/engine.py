@@ -22,6 +22,7 @@ import numpy as np
 from maas.domain import ModelVersion, Signature, TensorSpec, VersionStatus
 from maas.errors import (
     InferenceFailed,
+    InferenceTimeout,
     InputRejected,
     InvalidInput,
     MaasError,
@@ -30,6 +31,7 @@ from maas.errors import (
     StorageCorrupted,
 )
 from maas.inference.codec import DecodedRequest, datatype_to_dtype
+from maas.inference.deadline import WATCHDOG
 from maas.ports import Metrics, NullMetrics
 from maas.settings import Limits
 
@@ -351,6 +353,19 @@ _SPACES = re.compile(r"\s+")
 _MAX_MESSAGE = 400
 
 
+_RUN_OPTIONS: Any = None
+
+
+def _run_options() -> ort.RunOptions:
+    """A fresh ``RunOptions`` (its class looked up once: onnxruntime is imported lazily)."""
+    global _RUN_OPTIONS
+    if _RUN_OPTIONS is None:
+        from onnxruntime import RunOptions
+
+        _RUN_OPTIONS = RunOptions
+    return _RUN_OPTIONS()
+
+
 def _is_invalid_argument(error: BaseException) -> bool:
     """onnxruntime's ``InvalidArgument`` (status ``INVALID_ARGUMENT``), matched by name: the class lives
     in its private pybind module."""
@@ -482,9 +497,16 @@ class InferenceEngine:
             checks = self._checks(loaded, version)
             feeds = self._feeds(checks, request)
             names = self._output_names(checks, request.requested_outputs)
+            options = _run_options()
+            watched = WATCHDOG.arm(options, self._limits.max_inference_seconds)
             try:
-                results = loaded.session.run(names, feeds)
+                results = loaded.session.run(names, feeds, options)
             except Exception as exc:
+                if WATCHDOG.disarm(watched):
+                    raise InferenceTimeout(
+                        f"model {model!r} version {number} ran longer than {self._limits.max_inference_seconds:g} s "
+                        "(max_inference_seconds) on this input and was stopped: send fewer or smaller inputs"
+                    ) from None
                 if _is_invalid_argument(exc):
                     raise InputRejected(
                         f"model {model!r} version {number} cannot take this input: {_clean_message(exc)}"
@@ -492,6 +514,7 @@ class InferenceEngine:
                 raise InferenceFailed(
                     f"model {model!r} version {number} failed on this input: {_clean_message(exc)}"
                 ) from None
+            WATCHDOG.disarm(watched)
             produced = sum(int(getattr(result, "nbytes", 0)) for result in results)
             if produced > self._limits.max_output_bytes:
                 raise OutputTooLarge(
