@@ -103,28 +103,12 @@ def aws_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
 
 
-_MOTO_DYNAMODB_CALLS = ("transact_write_items", "put_item", "update_item", "delete_item", "batch_write_item",
-                        "get_item", "query", "scan", "transact_get_items", "batch_get_item")
-
-
 def _serialize_moto_dynamodb(monkeypatch: pytest.MonkeyPatch) -> None:
-    """DynamoDB applies each request (a transaction too) atomically; moto's in-memory tables do not
-    under threads (a cancelled transaction restores a snapshot over other threads' writes), so
-    concurrency tests would test moto. One lock around each request restores DynamoDB's atomicity."""
-    import functools
-    import threading
+    """moto's DynamoDB made atomic per request, as DynamoDB is (``infra.local.stack``): concurrency
+    tests would otherwise test moto."""
+    from infra.local.stack import serialize_moto_dynamodb
 
-    from moto.dynamodb.models import DynamoDBBackend
-
-    lock = threading.RLock()
-    for name in _MOTO_DYNAMODB_CALLS:
-        original = getattr(DynamoDBBackend, name)
-
-        def locked(*args: Any, _original: Any = original, **kwargs: Any) -> Any:
-            with lock:
-                return _original(*args, **kwargs)
-
-        monkeypatch.setattr(DynamoDBBackend, name, functools.wraps(original)(locked))
+    serialize_moto_dynamodb(monkeypatch.setattr)
 
 
 @pytest.fixture

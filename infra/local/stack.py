@@ -36,6 +36,23 @@ OPERATOR = "maas-local-operator"
 STATES_ACCESS_KEY = "ak"
 _DYNAMODB_CALLS = ("put_item", "update_item", "delete_item", "get_item", "query", "scan", "batch_write_item",
                    "transact_write_items", "transact_get_items", "batch_get_item")
+
+
+def serialize_moto_dynamodb(setattr_: Callable[..., None]) -> None:
+    """DynamoDB applies each request (a transaction too) atomically; moto's in-memory tables do not
+    under threads (a cancelled transaction restores a snapshot over other threads' writes). One lock
+    around each request restores DynamoDB's atomicity (``setattr_`` records what it replaces)."""
+    from moto.dynamodb.models import DynamoDBBackend
+
+    lock = threading.RLock()
+    for name in _DYNAMODB_CALLS:
+        original = getattr(DynamoDBBackend, name)
+
+        def locked(*args: Any, _original: Any = original, **kwargs: Any) -> Any:
+            with lock:
+                return _original(*args, **kwargs)
+
+        setattr_(DynamoDBBackend, name, functools.wraps(original)(locked))
 _NOT_RUN = {"AWS::S3::BucketPolicy", "AWS::SNS::TopicPolicy", "AWS::CloudWatch::Dashboard", "AWS::Logs::MetricFilter",
             "AWS::KMS::Key", "Custom::S3AutoDeleteObjects", "AWS::ApiGateway::Deployment", "AWS::Lambda::Permission",
             "AWS::Lambda::LayerVersion", "AWS::CDK::Metadata"}
@@ -80,7 +97,6 @@ class LocalStack:
         self.resolver = Resolver(assembly.stack_name)
         self.audit = iam.Audit()
         self.pools: dict[str, FunctionPool] = {}
-        self.by_logical: dict[str, FunctionPool] = {}
         self.skipped: list[str] = []
         self.lost_logs: dict[str, str] = {}
         self.sagemaker = SageMakerSim(workdir=workdir / "sagemaker", on_update="delayed",
@@ -130,7 +146,6 @@ class LocalStack:
 
     def _start_moto(self) -> None:
         from moto.core.config import default_user_config
-        from moto.dynamodb.models import DynamoDBBackend
         from moto.server import ThreadedMotoServer
 
         default_user_config["stepfunctions"] = {"execute_state_machine": True}
@@ -141,16 +156,7 @@ class LocalStack:
         host, port = self._server.get_host_and_port()
         self.moto_url = f"http://{host}:{port}"
         os.environ["MOTO_PORT"] = str(port)  # moto's Step Functions calls Lambda through its own server
-        # DynamoDB applies a request atomically; moto's tables under threads do not without a lock.
-        lock = threading.RLock()
-        for name in _DYNAMODB_CALLS:
-            original = getattr(DynamoDBBackend, name)
-
-            def locked(*args: Any, _original: Any = original, **kwargs: Any) -> Any:
-                with lock:
-                    return _original(*args, **kwargs)
-
-            self._patches.setattr(DynamoDBBackend, name, functools.wraps(original)(locked))
+        serialize_moto_dynamodb(self._patches.setattr)
         self._patch_lambda_invoke()
         install(self.sagemaker, self._patches.setattr)
         with_percentiles(self._patches.setattr)
@@ -331,7 +337,6 @@ class LocalStack:
             pool = FunctionPool(spec, functools.partial(self._credentials, spec.role_arn, spec.name),
                                 on_result=self._after_invoke)
             self.pools[spec.arn] = pool
-            self.by_logical[spec.logical_id] = pool
 
     def _after_invoke(self, spec: FunctionSpec, result: InvokeResult) -> None:
         """CloudWatch Logs' side of an invocation: EMF lines become metrics, as on AWS, when the
