@@ -159,6 +159,23 @@ class OutputTooLarge(MaasError):
     slug = "output-too-large"
 
 
+class MemoryLimitExceeded(MaasError):
+    """One model run asked for more memory than ``Limits.inference_memory_bytes`` holds in all: no
+    retry can succeed with this input. A property of the request, not a fault of the version."""
+
+    status = 422
+    title = "Memory limit exceeded"
+    slug = "memory-limit-exceeded"
+
+
+class MemoryBusy(Unavailable):
+    """A model run found the inference memory taken by other runs and sessions: the same request may fit
+    in a moment (503, Retry-After). Capacity, not the version's fault: never counted against its health."""
+
+    title = "Inference memory busy"
+    slug = "inference-memory-busy"
+
+
 class InputRejected(MaasError):
     """onnxruntime refused the request's values while running the model (``INVALID_ARGUMENT``: a token
     id beyond the vocabulary, a sequence longer than the model's positions): the caller's input, not a

@@ -71,6 +71,13 @@ class Limits(BaseModel):
     #: PENDING: committing again retries).
     max_concurrent_validations: int = Field(default=2, ge=1)
     validation_queue_timeout_s: float = Field(default=10.0, ge=0)
+    #: What every served session holds together, weights and working memory: one onnxruntime arena
+    #: capped at this many bytes (``maas.inference.memory``). A run that would pass it answers 422 (it
+    #: could never fit) or 503 (other runs hold the rest). None: half the machine's (or cgroup's) memory,
+    #: or the Lambda function's memory less 384 MiB.
+    inference_memory_bytes: int | None = Field(default=None, ge=64 * 1024 * 1024)
+    #: Sessions kept loaded, by the memory each was measured to hold on load (at least its artifact's
+    #: bytes); never more than ``inference_memory_bytes``.
     session_cache_bytes: int = Field(default=1024 * 1024 * 1024, gt=0)
     #: A request body must keep arriving: at most this long between two chunks, and (uploads aside,
     #: which stream to storage) this long in all. A stranger holding connections open gets a 408.

@@ -26,12 +26,22 @@ from maas.errors import (
     InputRejected,
     InvalidInput,
     MaasError,
+    MemoryBusy,
+    MemoryLimitExceeded,
     NotReady,
     OutputTooLarge,
     StorageCorrupted,
 )
 from maas.inference.codec import DecodedRequest, datatype_to_dtype
 from maas.inference.deadline import WATCHDOG
+from maas.inference.memory import (
+    MEMORY,
+    TRIM_AFTER_BYTES,
+    TRIM_AFTER_S,
+    allocation_request,
+    default_inference_memory_bytes,
+    resident_bytes,
+)
 from maas.ports import Metrics, NullMetrics
 from maas.settings import Limits
 
@@ -182,6 +192,17 @@ class SessionCache(Generic[V]):
             _, evicted = self._entries.popitem(last=False)
             self._bytes -= evicted.cost
             self._evictions += 1
+
+    def evict_oldest(self, keep: str | None = None) -> bool:
+        """Drop the least recently used entry other than ``keep``; False when there is none."""
+        with self._lock:
+            for key in self._entries:
+                if key != keep:
+                    evicted = self._entries.pop(key)
+                    self._bytes -= evicted.cost
+                    self._evictions += 1
+                    return True
+            return False
 
     def get(self, key: str) -> V | None:
         """The cached value (marked recently used), without loading or counting a hit or miss."""
@@ -354,6 +375,8 @@ _MAX_MESSAGE = 400
 
 
 _RUN_OPTIONS: Any = None
+#: One session built at a time, so the resident memory measured around a build is that session's.
+_LOAD_LOCK = threading.Lock()
 
 
 def _run_options() -> ort.RunOptions:
@@ -396,6 +419,13 @@ class _Loaded:
     checks: dict[tuple[str, int], _Checks] = field(default_factory=dict)
 
 
+def _detached(results: list[Any]) -> list[Any]:
+    """Copies of a run's outputs, so the originals (which may keep one of the arena's regions in use:
+    a scalar answer can sit in the leftover of the region a 400 MB intermediate took) are released and
+    the arena can give that region back."""
+    return [np.array(result, copy=True) if isinstance(result, np.ndarray) else result for result in results]
+
+
 class InferenceEngine:
     """Runs READY model versions: loads (verifying sha256), caches, checks inputs, runs, measures.
 
@@ -429,7 +459,10 @@ class InferenceEngine:
             session_options_factory = default_session_options
         self._options = session_options_factory
         self._providers = list(providers)
-        self.cache: SessionCache[_Loaded] = SessionCache(limits.session_cache_bytes)
+        #: every session of this process allocates from one arena capped here (maas.inference.memory),
+        #: installed on the first load: building an engine must not import onnxruntime
+        self.memory_cap = MEMORY.cap or limits.inference_memory_bytes or default_inference_memory_bytes()
+        self.cache: SessionCache[_Loaded] = SessionCache(min(limits.session_cache_bytes, self.memory_cap))
 
     # -- sessions
 
@@ -447,10 +480,16 @@ class InferenceEngine:
         if version.status != VersionStatus.READY or not sha256:
             raise NotReady(f"model {version.model!r} version {version.version} is not ready")
         loaded, hit = self.cache.get_or_load(sha256, lambda: self._load(version))
+        if not hit:
+            MEMORY.trim()  # what the sessions just evicted held goes back to the system
         self._metrics.cache(version.model, version.version, hit=hit)
         return loaded
 
     def _load(self, version: ModelVersion) -> tuple[_Loaded, int]:
+        """Build the session and measure what it holds: resident memory before and after (loads are
+        serialized so the difference is this session's weights, pre-packed buffers and arena), at
+        least the artifact's bytes. When the arena is full, least recently used sessions are evicted
+        until it fits; a model that does not fit alone is refused with the bound named."""
         started = perf_counter()
         data = self._read_artifact(version)
         if hashlib.sha256(data).hexdigest() != version.sha256:
@@ -458,17 +497,35 @@ class InferenceEngine:
                 f"the stored artifact of model {version.model!r} version {version.version} does not "
                 "match its recorded sha256"
             )
-        try:
-            import onnxruntime as ort
+        import onnxruntime as ort
 
-            session = ort.InferenceSession(data, sess_options=self._options(), providers=self._providers)
-        except Exception as exc:
-            raise InferenceFailed(
-                f"model {version.model!r} version {version.version} could not be loaded: "
-                f"{_clean_message(exc)}"
-            ) from None
+        self.memory_cap = MEMORY.install(self.memory_cap)
+        while True:
+            with _LOAD_LOCK:
+                MEMORY.trim()
+                before = resident_bytes()
+                try:
+                    session = ort.InferenceSession(data, sess_options=MEMORY.session_options(self._options()),
+                                                   providers=self._providers)
+                except Exception as exc:
+                    failure: Exception | None = exc
+                else:
+                    failure = None
+                MEMORY.trim()
+                held = resident_bytes() - before
+            if failure is None:
+                break
+            if allocation_request(failure) is None:
+                raise InferenceFailed(
+                    f"model {version.model!r} version {version.version} could not be loaded: "
+                    f"{_clean_message(failure)}"
+                ) from None
+            if not self.cache.evict_oldest(keep=version.sha256):
+                raise InferenceFailed(
+                    f"model {version.model!r} version {version.version} needs more memory than the "
+                    f"{self.memory_cap} bytes every loaded model shares (inference_memory_bytes)") from None
         self._metrics.model_load(version.model, version.version, seconds=perf_counter() - started)
-        return _Loaded(session), len(data)
+        return _Loaded(session), max(len(data), held)
 
     def _checks(self, loaded: _Loaded, version: ModelVersion) -> _Checks:
         key = (version.model, version.version)
@@ -499,9 +556,15 @@ class InferenceEngine:
             names = self._output_names(checks, request.requested_outputs)
             options = _run_options()
             watched = WATCHDOG.arm(options, self._limits.max_inference_seconds)
+            run_started = perf_counter()
             try:
                 results = loaded.session.run(names, feeds, options)
             except Exception as exc:
+                MEMORY.trim()
+                requested = allocation_request(exc)
+                if requested is not None:
+                    WATCHDOG.disarm(watched)
+                    raise self._memory_error(model, number, requested) from None
                 if WATCHDOG.disarm(watched):
                     raise InferenceTimeout(
                         f"model {model!r} version {number} ran longer than {self._limits.max_inference_seconds:g} s "
@@ -517,13 +580,18 @@ class InferenceEngine:
             WATCHDOG.disarm(watched)
             produced = sum(int(getattr(result, "nbytes", 0)) for result in results)
             if produced > self._limits.max_output_bytes:
+                del results  # the arrays may still be the arena's memory: freed before trimming it
+                MEMORY.trim()
                 raise OutputTooLarge(
                     f"model {model!r} version {number} produced {produced} bytes of output for this request, more "
                     f"than the {self._limits.max_output_bytes}-byte limit (max_output_bytes): send fewer or "
                     "smaller inputs")
+            if produced > TRIM_AFTER_BYTES or perf_counter() - run_started > TRIM_AFTER_S:
+                results = _detached(results)
+                MEMORY.trim()
             return list(zip(names, results, strict=True))
         except MaasError as exc:
-            error = exc.status >= 500
+            error = exc.status >= 500 and not isinstance(exc, MemoryBusy)
             raise
         except BaseException:
             error = True
@@ -531,6 +599,18 @@ class InferenceEngine:
         finally:
             self._metrics.invocation(model, number, latency_s=perf_counter() - started, error=error,
                                      routed=routed)
+
+    def _memory_error(self, model: str, number: int, requested: int) -> MaasError:
+        """422 when the request alone asks for more than the whole arena, else 503: others hold it now."""
+        if requested > self.memory_cap:
+            return MemoryLimitExceeded(
+                f"model {model!r} version {number} asked for {requested} bytes of memory for this input, more "
+                f"than the {self.memory_cap} bytes all inference may hold (inference_memory_bytes): send "
+                "fewer or smaller inputs")
+        return MemoryBusy(
+            f"model {model!r} version {number} needs more memory for this input than is free now among the "
+            f"{self.memory_cap} bytes all inference may hold (inference_memory_bytes); retry shortly",
+            retry_after=1)
 
     def _feeds(self, checks: _Checks, request: DecodedRequest) -> dict[str, np.ndarray]:
         inputs = request.inputs
