@@ -99,14 +99,17 @@ class Functions(Construct):
             # The optimize step registers a new (quantized) version: it needs onnx and the quantizer (the api
             # layer), write access to the store, and time; every other step only reads models.
             optimizing = step.name is StepName.OPTIMIZE
+            # The smoke test and the optimization run the model in a sandboxed child capped below the
+            # function's memory: they get the optimize function's size, so a bomb meets the child's cap.
+            sandboxed = optimizing or step.name is StepName.SMOKE_TEST
             self.deploy_tasks[step.name.value] = self._function(
                 f"Deploy{_camel(step.name.value)}", "deploy", f"handler.{step.name.value}",
                 role=self.optimize_role if optimizing else self.deploy_role,
                 layers=[self.api_layer if optimizing else self.inference_layer],
-                memory=config.optimize_memory_mb if optimizing else config.deploy_memory_mb,
+                memory=config.optimize_memory_mb if sandboxed else config.deploy_memory_mb,
                 timeout=OPTIMIZE_TIMEOUT if optimizing else DEPLOY_TIMEOUT,
                 reserved=config.deploy_reserved_concurrency, description=f"maas deploy step: {step.description}",
-                extra_env=validation_env(config.optimize_memory_mb) if optimizing else None,
+                extra_env=validation_env(config.optimize_memory_mb) if sandboxed else None,
             )
         self.cleanup = self._function(
             "Cleanup", "deploy", "handler.cleanup", role=self.cleanup_role, layers=[self.inference_layer],

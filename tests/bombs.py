@@ -142,3 +142,40 @@ def corpus(outer_length: int = 5000) -> list[Bomb]:
              [{"name": "x", "datatype": "FP32", "shape": [outer_length], "data": [1.0] * outer_length}],
              "output"),
     ]
+
+
+def _ceil_times(scale: int) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """Nodes making int64 ``size`` = ceil(x) * scale from FP32 ``x``: 0 on zeros (what validation runs),
+    ``scale`` on the smoke test's floats in (0, 1]."""
+    nodes = [helper.make_node("Ceil", ["x"], ["up"]),
+             helper.make_node("Cast", ["up"], ["ones"], to=TensorProto.INT64),
+             helper.make_node("Mul", ["ones", "scale"], ["size"])]
+    return nodes, [numpy_helper.from_array(np.array([scale], dtype=np.int64), "scale")]
+
+
+def _float_input() -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+
+
+def smoke_bomb() -> bytes:
+    """Harmless on zeros (validation), ~8 GB on the deploy smoke test's inputs: ``ConstantOfShape``."""
+    nodes, initializers = _ceil_times(HUGE)
+    value = helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0])
+    graph = helper.make_graph(
+        [*nodes, helper.make_node("ConstantOfShape", ["size"], ["big"], value=value),
+         helper.make_node("ReduceSum", ["big"], ["y"], keepdims=0)],
+        "smoke_bomb", [_float_input()], [_sum_output()], initializer=initializers)
+    return _serialize(graph)
+
+
+def smoke_loop() -> bytes:
+    """No trips on zeros, 10^12 on the smoke test's inputs: a ``Loop``."""
+    nodes, initializers = _ceil_times(10**12)
+    body = onnx.load_from_string(loop()).graph.node[1].attribute[0].g
+    graph = helper.make_graph(
+        [*nodes, helper.make_node("Squeeze", ["size"], ["trips"]),
+         helper.make_node("Loop", ["trips", "true", "zero"], ["y"], body=body)],
+        "smoke_loop", [_float_input()], [_sum_output()],
+        initializer=[*initializers, numpy_helper.from_array(np.array(True), "true"),
+                     numpy_helper.from_array(np.array(0.0, dtype=np.float32), "zero")])
+    return _serialize(graph)

@@ -58,7 +58,8 @@ def _weights_model(mib: int, tag: str) -> bytes:
 def _fill_model() -> bytes:
     """``ConstantOfShape(n)`` answered as it is: its output is arena memory while the caller holds it."""
     graph = helper.make_graph(
-        [helper.make_node("ConstantOfShape", ["n"], ["y"], value=helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0]))],
+        [helper.make_node("ConstantOfShape", ["n"], ["y"],
+                          value=helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0]))],
         "fill", [helper.make_tensor_value_info("n", TensorProto.INT64, [1])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n"])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -159,7 +160,8 @@ def main(cap_mib: int) -> dict[str, Any]:
     report["folded"] = attempt(folded, INDEX)
     report["folded_cost"] = engine.cache.stats.bytes - cached_before
     report["folded_bytes"] = len(store[folded.sha256])
-    report["cache"] = {"folded_cached": folded.sha256 in engine.cache, "entries": engine.cache.stats.entries, "bytes": engine.cache.stats.bytes,
+    report["cache"] = {"folded_cached": folded.sha256 in engine.cache, "entries": engine.cache.stats.entries,
+                       "bytes": engine.cache.stats.bytes,
                        "max_bytes": engine.cache.stats.max_bytes, "heavy_cached": heavy.sha256 in engine.cache}
 
     # the Loop bomb stopped by its deadline while another thread's runs keep being answered

@@ -55,14 +55,17 @@ POLL_SECONDS = int(os.environ.get("MAAS_TARGET_POLL_S") or TARGET_POLL_SECONDS)
 
 
 def load_version(version: ModelVersion) -> None:
-    """The smoke test: load the version as the inference function will (sha256 re-checked, session
-    built) and run it on inputs made from its signature (NaN/Inf or wrong output shapes: Unhealthy)."""
+    """The smoke test: run the version on inputs made from its signature in the sandbox's child (NaN/Inf
+    or wrong output shapes: Unhealthy), then load it as the inference function will (sha256 re-checked,
+    session built)."""
     global _smoke
     if _smoke is None:
         from maas.inference.engine import InferenceEngine
+        from maas.inference.sandbox import sandbox_of
         from maas.inference.smoke import SmokeTest
 
-        _smoke = SmokeTest(InferenceEngine(artifact_reader(backend.artifacts), settings.limits, NullMetrics()))
+        _smoke = SmokeTest(InferenceEngine(artifact_reader(backend.artifacts), settings.limits, NullMetrics()),
+                           sandbox_of(backend.validator))
     _smoke(version)
 
 
@@ -73,9 +76,12 @@ def optimize_version(version: ModelVersion) -> tuple[ModelVersion, Mapping[str, 
         import functools
 
         from maas.inference.optimize import quantize
+        from maas.inference.sandbox import sandbox_of
         from maas.services.optimize import OptimizeService
 
-        _optimize = OptimizeService(models, backend.artifacts, functools.partial(quantize, limits=settings.limits))
+        sandbox = sandbox_of(backend.validator)  # quantizing runs the model many times: in a child
+        quantizer = sandbox.quantize if sandbox is not None else functools.partial(quantize, limits=settings.limits)
+        _optimize = OptimizeService(models, backend.artifacts, quantizer)
     return _optimize.optimize(version.model, version.version)
 
 

@@ -42,8 +42,9 @@ from maas.backends.local import LocalBackend
 from maas.domain import Signature
 from maas.errors import ModelRejected
 from maas.examples import example_model_path
+from maas.inference.sandbox import SubprocessValidator, child_rlimits
 from maas.inference.signature import ONNX_TO_OIP
-from maas.inference.validation import SubprocessValidator, check_static, child_rlimits, read_bounded
+from maas.inference.validation import check_static, read_bounded
 from maas.services.invariants import check_invariants
 from maas.settings import Limits, Settings
 

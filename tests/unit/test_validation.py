@@ -25,6 +25,7 @@ from onnx import TensorProto, helper
 from maas.domain import Signature, TensorSpec
 from maas.errors import ModelRejected
 from maas.examples import example_model_path
+from maas.inference.sandbox import SubprocessValidator
 from maas.inference.signature import (
     MAX_SIGNATURE_DIMS,
     MAX_SIGNATURE_TENSORS,
@@ -32,7 +33,7 @@ from maas.inference.signature import (
     ONNX_TO_OIP,
     signature_from_model,
 )
-from maas.inference.validation import SubprocessValidator, inspect_model_file
+from maas.inference.validation import inspect_model_file
 from maas.settings import Limits
 
 LIMITS = Limits()
@@ -509,12 +510,12 @@ def test_validations_beyond_the_concurrency_bound_wait_then_get_a_503() -> None:
     from maas.errors import Unavailable
 
     validator = SubprocessValidator(Limits(max_concurrent_validations=1, validation_queue_timeout_s=0.2))
-    assert validator._slots.acquire(timeout=1)  # a validation in flight holds the only slot
+    assert validator.sandbox._slots.acquire(timeout=1)  # a validation in flight holds the only slot
     try:
         with pytest.raises(Unavailable) as busy:
             validator.validate(example_model_path())
         assert busy.value.status == 503 and busy.value.retry_after > 0
-        assert "validations are running" in busy.value.detail
+        assert "model checks are running" in busy.value.detail
     finally:
-        validator._slots.release()
+        validator.sandbox._slots.release()
     assert [spec.name for spec in validator.validate(example_model_path()).inputs] == ["features"]

@@ -59,6 +59,9 @@ class Limits(BaseModel):
     #: request to an outer-product model once produced a 400 MB JSON answer.
     max_output_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
     validation_timeout_s: float = Field(default=120.0, gt=0)
+    #: The sandboxed int8 optimization of one version (quantize, compare on samples, time both): under
+    #: the optimize function's 15 minutes, with room left to validate and commit the derived version.
+    optimize_timeout_s: float = Field(default=600.0, gt=0)
     validation_memory_bytes: int = Field(default=4 * 1024 * 1024 * 1024, gt=0)
     #: RLIMIT_NOFILE of the validation child: imports, the model file and onnxruntime's own files
     #: need about a dozen descriptors; a model has no business opening more.

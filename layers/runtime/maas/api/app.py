@@ -18,6 +18,7 @@ from maas.api.metrics import FanOut, PrometheusMetrics
 from maas.api.routes import deployments, inference, models, optimize, tokens
 from maas.domain import Signature
 from maas.inference.engine import InferenceEngine
+from maas.inference.sandbox import Sandbox, sandbox_of
 from maas.inference.smoke import SmokeTest
 from maas.ports import Backend, Metrics
 from maas.services.aliases import AliasService
@@ -36,10 +37,13 @@ Inference follows the Open Inference Protocol v2 (KServe/Triton), with Triton's 
 """
 
 
-def _quantize(settings: Settings, model: bytes, signature: Signature, tolerance: float, /, *, goal: str,
-              derived: bytes | None = None) -> tuple[bytes, Any]:
-    """``maas.inference.optimize.quantize``, imported on the first optimize call: it loads onnx and
-    onnxruntime, which the API function on AWS never needs otherwise (its cold start stays lean)."""
+def _quantize(settings: Settings, sandbox: Sandbox | None, model: bytes, signature: Signature, tolerance: float,
+              /, *, goal: str, derived: bytes | None = None) -> tuple[bytes, Any]:
+    """``maas.inference.optimize.quantize`` in the backend's sandbox (a child process: it runs an
+    untrusted model many times); in this process only where the backend has none (tests), imported on
+    the first call: onnx and onnxruntime would lengthen the API function's cold start."""
+    if sandbox is not None:
+        return sandbox.quantize(model, signature, tolerance, goal=goal, derived=derived)
     from maas.inference.optimize import quantize
 
     return quantize(model, signature, tolerance, goal=goal, derived=derived, limits=settings.limits)
@@ -70,6 +74,7 @@ def create_app(backend: Backend, settings: Settings | None = None, *,
     recorder = HealthRecorder()
     sinks: tuple[Metrics, ...] = (metrics, recorder) if metrics_sink is None else (metrics, recorder, metrics_sink)
     engine = InferenceEngine(artifact_reader(backend.artifacts), settings.limits, FanOut(*sinks))
+    sandbox = sandbox_of(backend.validator)
     model_service = ModelService(backend.registry, backend.artifacts, backend.validator, settings.limits)
     token_service = TokenService(backend.registry)
     services = Services(
@@ -80,7 +85,7 @@ def create_app(backend: Backend, settings: Settings | None = None, *,
         # Deploys run where the backend says (Step Functions on AWS, whose tasks read CloudWatch), else
         # here: the smoke test runs the version through this engine, bakes are judged on this process's
         # traffic, and endpoint targets (``sagemaker``) come from the backend.
-        deployments=DeploymentService(backend.registry, model_service, smoke_test=SmokeTest(engine),
+        deployments=DeploymentService(backend.registry, model_service, smoke_test=SmokeTest(engine, sandbox),
                                       executor=backend.deploy_executor, health=recorder,
                                       targets=backend.endpoint_targets),
         tokens=token_service,
@@ -88,7 +93,7 @@ def create_app(backend: Backend, settings: Settings | None = None, *,
         resolver=ServingResolver(backend.registry, model_service),
         engine=engine,
         metrics=metrics,
-        optimize=OptimizeService(model_service, backend.artifacts, functools.partial(_quantize, settings)),
+        optimize=OptimizeService(model_service, backend.artifacts, functools.partial(_quantize, settings, sandbox)),
     )
     # Traffic shifts made by deploys running in this process reach the route cache at once.
     services.deployments.workflow.on_route_change = services.resolver.invalidate

@@ -475,6 +475,16 @@ class InferenceEngine:
         loaded = self._loaded(version)
         self._checks(loaded, version)
 
+    def artifact(self, version: ModelVersion) -> bytes:
+        """A version's artifact bytes, checked against its recorded sha256 (``StorageCorrupted`` if not)."""
+        data = self._read_artifact(version)
+        if hashlib.sha256(data).hexdigest() != version.sha256:
+            raise StorageCorrupted(
+                f"the stored artifact of model {version.model!r} version {version.version} does not "
+                "match its recorded sha256"
+            )
+        return data
+
     def _loaded(self, version: ModelVersion) -> _Loaded:
         sha256 = version.sha256
         if version.status != VersionStatus.READY or not sha256:
@@ -491,12 +501,7 @@ class InferenceEngine:
         least the artifact's bytes. When the arena is full, least recently used sessions are evicted
         until it fits; a model that does not fit alone is refused with the bound named."""
         started = perf_counter()
-        data = self._read_artifact(version)
-        if hashlib.sha256(data).hexdigest() != version.sha256:
-            raise StorageCorrupted(
-                f"the stored artifact of model {version.model!r} version {version.version} does not "
-                "match its recorded sha256"
-            )
+        data = self.artifact(version)
         import onnxruntime as ort
 
         self.memory_cap = MEMORY.install(self.memory_cap)

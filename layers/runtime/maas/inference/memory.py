@@ -33,9 +33,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MEMORY",
-    "InferenceMemory",
     "TRIM_AFTER_BYTES",
     "TRIM_AFTER_S",
+    "InferenceMemory",
     "allocation_request",
     "default_inference_memory_bytes",
     "resident_bytes",
@@ -91,10 +91,7 @@ def default_inference_memory_bytes() -> int:
     """On Lambda, the function's memory less ``LAMBDA_RESERVE_MB``; elsewhere half of the memory this
     process may use (the rest is the server's, the page cache's and its neighbours'). Never below 256 MiB."""
     lambda_mb = os.environ.get("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "").strip()
-    if lambda_mb.isdigit():
-        wanted = (int(lambda_mb) - LAMBDA_RESERVE_MB) * 1024 * 1024
-    else:
-        wanted = _physical_bytes() // 2
+    wanted = (int(lambda_mb) - LAMBDA_RESERVE_MB) * 1024 * 1024 if lambda_mb.isdigit() else _physical_bytes() // 2
     return max(wanted, MIN_INFERENCE_MEMORY_BYTES)
 
 

@@ -1,12 +1,14 @@
-"""Child-process entry point of ``SubprocessValidator``:
+"""Child-process entry point of the sandbox (``maas.inference.sandbox``):
 ``python -m maas.inference.validate_worker <model path> <config JSON>``.
 
-The config is ``{"limits": <maas.settings.Limits>, "rlimits": {"RLIMIT_AS": n, ...}}``. The worker
-applies the rlimits to itself first, with the stdlib only, before numpy/onnx/onnxruntime are imported
-or a byte of the model is read; then it runs ``inspect_model_file`` and writes exactly one JSON line to
-the real stdout: ``{"ok": true, "signature": {...}}`` or ``{"ok": false, "reason": "..."}``. Anything
-else that prints (Python or native code) goes to stderr, so it cannot corrupt that line. Everything is
-caught: a verdict always comes back unless the process is killed.
+The config is ``{"job": "validate" | "smoke" | "quantize", "args": {...}, "limits": <Limits>,
+"rlimits": {"RLIMIT_AS": n, ...}}`` (no job: validate). The worker applies the rlimits to itself first,
+with the stdlib only, before numpy/onnx/onnxruntime are imported or a byte of the model is read; then it
+runs the job and writes exactly one JSON line to the real stdout: ``{"ok": true, ...}`` (validate: the
+signature; quantize: the report, the derived model written to ``derived.onnx`` beside the parent) or
+``{"ok": false, "reason": "...", "error": <class>, "extra": {...}}``. Anything else that prints (Python
+or native code) goes to stderr, so it cannot corrupt that line. Everything is caught: a verdict always
+comes back unless the process is killed.
 """
 
 from __future__ import annotations
@@ -69,17 +71,61 @@ def _run(argv: list[str]) -> dict[str, Any]:
 
     from pathlib import Path
 
-    from maas.errors import ModelRejected
-    from maas.inference.validation import inspect_model_file
+    from maas.errors import MaasError
     from maas.settings import Limits
 
+    limits = Limits.model_validate(config["limits"])
+    job = config.get("job", "validate")
+    args = config.get("args") or {}
     try:
-        signature = inspect_model_file(Path(path), Limits.model_validate(config["limits"]))
-    except ModelRejected as exc:
-        return {"ok": False, "reason": exc.detail}
+        if job == "validate":
+            return _validate(Path(path), limits)
+        if job == "smoke":
+            return _smoke(Path(path), args)
+        if job == "quantize":
+            return _quantize(Path(path), args, limits)
+    except MaasError as error:
+        return {"ok": False, "reason": error.detail, "error": type(error).__name__,
+                "field": getattr(error, "field", None), "extra": _plain(error.extra)}
     except OSError:
         return {"ok": False, "reason": "the artifact could not be read"}
+    return {"ok": False, "reason": f"unknown job {job!r}"}
+
+
+def _validate(path: Any, limits: Any) -> dict[str, Any]:
+    from maas.inference.validation import inspect_model_file
+
+    signature = inspect_model_file(path, limits)
     return {"ok": True, "signature": signature.model_dump(mode="json")}
+
+
+def _smoke(path: Any, args: dict[str, Any]) -> dict[str, Any]:
+    from maas.domain import Signature
+    from maas.inference.smoke import run_smoke_test
+
+    run_smoke_test(path.read_bytes(), Signature.model_validate(args["signature"]), str(args["what"]))
+    return {"ok": True}
+
+
+def _quantize(path: Any, args: dict[str, Any], limits: Any) -> dict[str, Any]:
+    from maas.domain import Signature
+    from maas.inference.optimize import quantize
+
+    derived_path = path.with_name("derived.onnx")
+    derived = derived_path.read_bytes() if args.get("derived") else None
+    data, report = quantize(path.read_bytes(), Signature.model_validate(args["signature"]), float(args["tolerance"]),
+                            goal=str(args["goal"]), derived=derived, limits=limits)
+    derived_path.write_bytes(data)
+    return {"ok": True, "report": report.as_dict()}
+
+
+def _plain(value: Any) -> Any:
+    """``extra`` as JSON can carry it (reports are dicts of numbers and strings already)."""
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return None
+    return value
 
 
 def main(argv: list[str]) -> int:
@@ -89,7 +135,7 @@ def main(argv: list[str]) -> int:
     try:
         answer = _run(argv)
     except MemoryError:
-        answer = {"ok": False, "reason": "validation process exceeded its memory limit"}
+        answer = {"ok": False, "reason": "the model exceeded the sandbox's memory limit"}
     except BaseException as exc:  # the parent maps every non-ok answer to a rejection
         answer = {"ok": False, "reason": f"validation failed unexpectedly ({type(exc).__name__})"}
     os.write(result_fd, (json.dumps(answer) + "\n").encode("utf-8"))

@@ -18,8 +18,8 @@ could execute code or touch the filesystem sees the bytes until the earlier chec
 
 ``inspect_model_file`` runs all of this in-process (``check_static`` runs 1-6 only: no onnxruntime).
 It bounds *what* is parsed but not the CPU or memory a crafted graph can make onnxruntime use, nor a
-native crash; ``SubprocessValidator`` is what services use: it runs the same checks in a child process
-under rlimits (address space, CPU time, file size, open files, new tasks, no core dumps) and a
+native crash; ``maas.inference.sandbox.SubprocessValidator`` is what services use: it runs the same
+checks in a child process under rlimits (address space, CPU time, file size, open files, new tasks, no core dumps) and a
 wall-clock timeout.
 
 Every rejection is ``ModelRejected`` with a one-line reason that never contains filesystem paths or
@@ -28,16 +28,9 @@ tracebacks: the reason is shown to the uploader and stored on the FAILED version
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import re
-import signal
-import subprocess
-import sys
-import tempfile
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -49,7 +42,7 @@ from google.protobuf.message import DecodeError, Message
 from onnx import TensorProto
 
 from maas.domain import Signature, TensorSpec
-from maas.errors import ModelRejected, Unavailable
+from maas.errors import ModelRejected
 from maas.inference.signature import quote_name, signature_from_model
 from maas.settings import MIN_VALIDATION_MEMORY_BYTES as MIN_VALIDATION_MEMORY
 from maas.settings import Limits
@@ -66,9 +59,6 @@ ALLOWED_DOMAINS: frozenset[str] = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.m
 #: even a trivial one, would be rejected as "out of memory".
 MIN_VALIDATION_MEMORY_BYTES = MIN_VALIDATION_MEMORY
 
-#: RLIMIT_FSIZE of the child: it never writes files (results go to a pipe), so any write is refused.
-_CHILD_FSIZE_BYTES = 0
-
 #: Messages (nodes, attributes, tensors, value infos...) the structural walk visits per allowed node.
 #: Real models have a handful per node; the cap bounds the walk's time and memory on crafted ones.
 MESSAGES_PER_NODE = 16
@@ -77,7 +67,6 @@ _MAX_REASON_CHARS = 300
 _SNIFF_BYTES = 512
 _ONNX_FIRST_BYTE = 0x08  # field 1 (ModelProto.ir_version), wire type 0 (varint): (1 << 3) | 0
 
-_WORKER_MODULE = "maas.inference.validate_worker"
 _PICKLE_GLOBAL = re.compile(rb"c[\w.]+\n[\w.]+\n")
 
 
@@ -448,178 +437,3 @@ def inspect_model_file(path: Path, limits: Limits) -> Signature:
     untrusted uploads; this function does not bound CPU time or memory.
     """
     return inspect_model_bytes(read_bounded(path, limits), limits)
-
-
-# --------------------------------------------------------------------------------------------------
-# the child-process validator
-
-
-def child_rlimits(limits: Limits) -> dict[str, int]:
-    """The resource limits the validation child puts on itself, by ``resource.RLIMIT_*`` name.
-
-    RLIMIT_CPU backs up the wall-clock timeout (a child that somehow outlives the parent's kill still
-    stops); RLIMIT_AS turns a memory bomb into MemoryError/bad_alloc instead of the OOM killer picking a
-    victim (possibly the server); no core dumps (they would contain the model) and no file writes;
-    a few file descriptors (``Limits.validation_max_open_files``); and no more than
-    ``Limits.validation_max_new_tasks`` new threads or processes (RLIMIT_NPROC counts every task of
-    the user, so the limit is what the user runs now plus that allowance; left out where ``/proc``
-    cannot be read, e.g. macOS. Root ignores it, as it ignores RLIMIT_NPROC generally).
-    """
-    rlimits = {
-        "RLIMIT_AS": max(limits.validation_memory_bytes, MIN_VALIDATION_MEMORY_BYTES),
-        "RLIMIT_CPU": math.ceil(limits.validation_timeout_s) + 1,
-        "RLIMIT_CORE": 0,
-        "RLIMIT_FSIZE": _CHILD_FSIZE_BYTES,
-        "RLIMIT_NOFILE": limits.validation_max_open_files,
-    }
-    running = _user_task_count()
-    if running is not None:
-        rlimits["RLIMIT_NPROC"] = running + limits.validation_max_new_tasks
-    return rlimits
-
-
-def _user_task_count() -> int | None:
-    """Threads of all processes whose real uid is ours, from ``/proc`` (what RLIMIT_NPROC counts
-    against); None where ``/proc`` is not there. About 3 ms per 100 processes."""
-    uid = os.getuid()
-    try:
-        entries = [entry.name for entry in os.scandir("/proc") if entry.name.isdigit()]
-    except OSError:
-        return None
-    total = 0
-    for pid in entries:
-        try:
-            with open(f"/proc/{pid}/status", "rb") as status:
-                text = status.read()
-        except OSError:
-            continue  # exited meanwhile, or not ours to read
-        real_uid, threads = -1, 0
-        for line in text.splitlines():
-            if line.startswith(b"Uid:"):
-                real_uid = int(line.split()[1])
-            elif line.startswith(b"Threads:"):
-                threads = int(line.split()[1])
-        if real_uid == uid:
-            total += threads
-    return total or None
-
-
-def _child_env(workdir: str) -> dict[str, str]:
-    """A minimal environment: no credentials or config of the server leak into the child. PATH and
-    PYTHONPATH (Lambda layers live on it) and LD_LIBRARY_PATH (Lambda's runtime needs it) are kept;
-    math libraries are pinned to one thread, matching onnxruntime's settings. HOME is the child's
-    empty working directory: onnxruntime keeps a usage database under ``~/.cache`` and would
-    otherwise open (and try to write) files in the server user's home while it holds hostile input."""
-    env = {key: os.environ[key] for key in ("PATH", "PYTHONPATH", "LD_LIBRARY_PATH") if key in os.environ}
-    env.update(
-        HOME=workdir,
-        OMP_NUM_THREADS="1",
-        OPENBLAS_NUM_THREADS="1",
-        MKL_NUM_THREADS="1",
-        PYTHONDONTWRITEBYTECODE="1",
-        PYTHONNOUSERSITE="1",
-        PYTHONIOENCODING="utf-8",
-    )
-    return env
-
-
-class SubprocessValidator:
-    """``maas.ports.Validator`` that runs ``inspect_model_file`` in a resource-limited child process.
-
-    Why a child: onnxruntime is native code fed hostile input. A crafted model can allocate without
-    bound, spin, or crash the process; in a child, each of those becomes a rejection instead of taking
-    the server down. The child runs ``python -m maas.inference.validate_worker`` with:
-
-    - the limits and ``child_rlimits`` as JSON on argv; the worker applies the rlimits to itself as its
-      first action, before importing onnx/onnxruntime or reading a byte of the model. (Not
-      ``preexec_fn``: it is documented as unsafe in threaded parents, and the API server is threaded;
-      the limits bind before any untrusted input is touched either way);
-    - a wall-clock timeout (``Limits.validation_timeout_s``), stdin closed, a minimal environment and an
-      empty temporary working directory (nothing relative to resolve, nothing to find).
-
-    It answers one JSON line on stdout; everything the child does wrong maps to ModelRejected.
-    """
-
-    def __init__(self, limits: Limits) -> None:
-        self.limits = limits
-        # Each child may take ``validation_memory_bytes``: five concurrent commits once peaked at 9.6 GB
-        # together, with up to 40 allowed. One bound per validator, which a server process holds once.
-        self._slots = threading.BoundedSemaphore(limits.max_concurrent_validations)
-
-    def validate(self, path: Path) -> Signature:
-        """Signature of the model at ``path``, or ModelRejected with the reason.
-
-        ``OSError`` if ``path`` does not exist (a storage problem, not a verdict on the model);
-        ``Unavailable`` (503, Retry-After) when ``max_concurrent_validations`` are running and none ends
-        within ``validation_queue_timeout_s``: nothing is decided about the model, a retry validates it.
-        """
-        path = Path(path).resolve(strict=True)
-        if not self._slots.acquire(timeout=self.limits.validation_queue_timeout_s):
-            raise Unavailable(f"{self.limits.max_concurrent_validations} validations are running, the most this "
-                              "server runs at once; commit again in a few seconds", retry_after=5)
-        try:
-            return self._validate(path)
-        finally:
-            self._slots.release()
-
-    def _validate(self, path: Path) -> Signature:
-        timeout = self.limits.validation_timeout_s
-        command = [
-            sys.executable,
-            "-P",  # do not put the working directory on sys.path
-            "-m",
-            _WORKER_MODULE,
-            str(path),
-            json.dumps({"limits": self.limits.model_dump(mode="json"), "rlimits": child_rlimits(self.limits)},
-                       separators=(",", ":")),
-        ]
-        with tempfile.TemporaryDirectory(prefix="maas-validate-") as workdir:
-            try:
-                result = subprocess.run(
-                    command,
-                    stdin=subprocess.DEVNULL,
-                    capture_output=True,
-                    timeout=timeout,
-                    env=_child_env(workdir),
-                    cwd=workdir,
-                    check=False,
-                )
-            except subprocess.TimeoutExpired:
-                raise ModelRejected(f"validation timed out after {timeout:g} s") from None
-        return self._verdict(result)
-
-    def _verdict(self, result: subprocess.CompletedProcess[bytes]) -> Signature:
-        """Map the child's outcome to a Signature or a ModelRejected (and nothing else)."""
-        stderr_tail = result.stderr[-2000:].decode("utf-8", "replace")
-        answer = _last_json_line(result.stdout)
-        if answer is not None and result.returncode == 0:
-            if answer.get("ok") is True:
-                try:
-                    return Signature.model_validate(answer.get("signature"))
-                except ValueError:
-                    raise ModelRejected("validation process returned an unreadable signature") from None
-            reason = answer.get("reason")
-            if isinstance(reason, str) and reason:
-                raise ModelRejected(clean_reason(reason))
-        code = result.returncode
-        # No verdict: a crash, a kill, or a broken child environment (which would reject every model:
-        # operators need the child's stderr to tell which; users get the one-line reason only).
-        log.warning("validation child gave no verdict (return code %s); stderr tail: %s", code, stderr_tail)
-        if code < 0 and -code == signal.SIGXCPU:
-            cpu_limit = child_rlimits(self.limits)["RLIMIT_CPU"]
-            raise ModelRejected(f"validation used more than its CPU time limit of {cpu_limit} s")
-        detail = f"signal {-code}" if code < 0 else f"exit code {code}"
-        raise ModelRejected(f"validation process exceeded its memory limit or crashed ({detail})")
-
-
-def _last_json_line(stdout: bytes) -> dict[str, Any] | None:
-    for line in reversed(stdout.decode("utf-8", "replace").splitlines()):
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            value = json.loads(line)
-        except ValueError:
-            return None
-        return value if isinstance(value, dict) else None
-    return None

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from maas.backends.aws.artifacts import S3ArtifactStore
 from maas.backends.aws.clients import LazyClient, make_client
@@ -18,6 +18,9 @@ from maas.errors import InvalidInput
 from maas.ports import ArtifactStore, DeployExecutor, EndpointTarget, IdempotencyStore, Registry, Validator
 from maas.settings import ENV_BUCKET, ENV_ENDPOINT, ENV_STATE_MACHINE, ENV_TABLE, Settings
 
+if TYPE_CHECKING:
+    from maas.inference.sandbox import Sandbox, SubprocessValidator
+
 
 class LazyValidator:
     """The sandboxed validator, imported on first use: the inference function never validates, and
@@ -25,14 +28,22 @@ class LazyValidator:
 
     def __init__(self, settings: Settings):
         self._limits = settings.limits
-        self._real: Validator | None = None
+        self._real: SubprocessValidator | None = None
+
+    @property
+    def sandbox(self) -> Sandbox:
+        """The child-process runner behind it (smoke tests and optimizations use it too)."""
+        return self._validator().sandbox
 
     def validate(self, path: Path) -> Signature:
+        return self._validator().validate(path)
+
+    def _validator(self) -> SubprocessValidator:
         if self._real is None:
-            from maas.inference.validation import SubprocessValidator
+            from maas.inference.sandbox import SubprocessValidator
 
             self._real = SubprocessValidator(self._limits)
-        return self._real.validate(path)
+        return self._real
 
 
 class AwsBackend:

@@ -54,7 +54,7 @@ class LocalBackend:
         # Same database as the registry: a key's claim is as durable as the writes it guards.
         self.idempotency: IdempotencyStore = SqliteIdempotencyStore(self._sqlite)
         if validator is None:
-            from maas.inference.validation import SubprocessValidator  # heavy; only when needed
+            from maas.inference.sandbox import SubprocessValidator  # heavy; only when needed
 
             validator = SubprocessValidator(settings.limits)
         self.validator: Validator = validator
