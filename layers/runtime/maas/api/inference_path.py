@@ -27,6 +27,7 @@ from maas.domain import Scope as TokenScope
 from maas.domain.names import MODEL_NAME, VERSION_REF
 from maas.errors import BadRequest, MaasError
 from maas.inference.codec import decode_request, encode_response
+from maas.inference.engine import RunOverran
 from maas.protocol.oip import BINARY_HEADER, VERSION_HEADER
 from maas.services.tokens import TokenService
 
@@ -38,6 +39,11 @@ if TYPE_CHECKING:
 #: thread hop would cost more than the model. Bigger ones and first loads (reading, hashing and
 #: building a session) run in the threadpool, so they never stall the other connections.
 INLINE_MAX_ELEMENTS = 16_384
+#: ...but never for longer than this: a small input can still set off a long run (a Loop whose trip
+#: count is an input held the event loop for 20 s, health waited 18 s). Past it the run is stopped (the
+#: watchdog's resolution adds up to 50 ms), run again in the threadpool, and that session runs in the
+#: threadpool from then on: the event loop pays for each such model once.
+INLINE_DEADLINE_S = 0.02
 #: Request bodies up to this size are decoded on the event loop; bigger ones in the threadpool.
 INLINE_MAX_BODY_BYTES = 256 * 1024
 INFER_ROUTE = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
@@ -89,10 +95,14 @@ async def run_inference(services: Services, name: str, ref: str | None, authoriz
         decoded = await run_in_threadpool(decode_request, body, length, services.settings.limits)
     engine = services.engine
     small = sum(array.size for array in decoded.inputs.values()) <= INLINE_MAX_ELEMENTS
-    if chosen.sha256 in engine.cache and small:
-        outputs = engine.infer(chosen, decoded, routed=routed)
+    run = functools.partial(engine.infer, chosen, decoded, routed=routed)
+    if small and engine.runs_inline(chosen):
+        try:
+            outputs = run(inline_deadline_s=INLINE_DEADLINE_S)
+        except RunOverran:  # slower than a small model may be on the event loop: a worker thread, from now on
+            outputs = await run_in_threadpool(run)
     else:
-        outputs = await run_in_threadpool(functools.partial(engine.infer, chosen, decoded, routed=routed))
+        outputs = await run_in_threadpool(run)
     encode = functools.partial(encode_response, name, str(chosen.version), decoded.id, outputs,
                                decoded.response_binary())
     if sum(array.size for _, array in outputs) <= INLINE_MAX_ELEMENTS:

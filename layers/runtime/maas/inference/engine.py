@@ -53,6 +53,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CacheStats",
     "InferenceEngine",
+    "RunOverran",
     "SessionCache",
     "default_session_options",
     "ort_threads",
@@ -417,6 +418,13 @@ class _Loaded:
     session: ort.InferenceSession
     #: (model, version) -> checks; every version sharing this sha256 shares the session
     checks: dict[tuple[str, int], _Checks] = field(default_factory=dict)
+    #: False once a run passed its inline deadline: this session never runs on an event loop again
+    inline: bool = True
+
+
+class RunOverran(Exception):
+    """A run given an ``inline_deadline_s`` passed it and was stopped: run it again where it may take
+    its full deadline (a worker thread). Nothing was counted for it."""
 
 
 def _detached(results: list[Any]) -> list[Any]:
@@ -542,16 +550,25 @@ class InferenceEngine:
 
     # -- inference
 
-    def infer(self, version: ModelVersion, request: DecodedRequest, *,
-              routed: bool = True) -> list[tuple[str, np.ndarray]]:
+    def runs_inline(self, version: ModelVersion) -> bool:
+        """Whether ``version`` is loaded and none of its runs ever passed an inline deadline."""
+        loaded = self.cache.get(version.sha256 or "")
+        return loaded is not None and loaded.inline
+
+    def infer(self, version: ModelVersion, request: DecodedRequest, *, routed: bool = True,
+              inline_deadline_s: float | None = None) -> list[tuple[str, np.ndarray]]:
         """Check ``request`` against the version's signature, run it, return ``(name, array)`` pairs
         in the requested order (every output in signature order when none were named). ``routed``
         False: the caller named the version (reported so to the metrics, never to deploy health).
 
         onnxruntime's ``INVALID_ARGUMENT`` while running (an index beyond a table, a length the model
-        cannot take) is the caller's input: ``InputRejected`` (400), not counted as an error."""
+        cannot take) is the caller's input: ``InputRejected`` (400), not counted as an error.
+
+        ``inline_deadline_s``: the caller runs this on an event loop, so the run is stopped past that
+        short deadline and ``RunOverran`` raised (the session is marked never to run inline again)."""
         model, number = version.model, version.version
         error = False
+        overran = False
         started = perf_counter()
         try:
             loaded = self._loaded(version)
@@ -560,7 +577,10 @@ class InferenceEngine:
             feeds = self._feeds(checks, request)
             names = self._output_names(checks, request.requested_outputs)
             options = _run_options()
-            watched = WATCHDOG.arm(options, self._limits.max_inference_seconds)
+            deadline = self._limits.max_inference_seconds
+            if inline_deadline_s is not None:
+                deadline = min(deadline, inline_deadline_s)
+            watched = WATCHDOG.arm(options, deadline)
             run_started = perf_counter()
             try:
                 results = loaded.session.run(names, feeds, options)
@@ -571,6 +591,10 @@ class InferenceEngine:
                     WATCHDOG.disarm(watched)
                     raise self._memory_error(model, number, requested) from None
                 if WATCHDOG.disarm(watched):
+                    if inline_deadline_s is not None and deadline < self._limits.max_inference_seconds:
+                        loaded.inline = False
+                        overran = True
+                        raise RunOverran() from None
                     raise InferenceTimeout(
                         f"model {model!r} version {number} ran longer than {self._limits.max_inference_seconds:g} s "
                         "(max_inference_seconds) on this input and was stopped: send fewer or smaller inputs"
@@ -601,9 +625,12 @@ class InferenceEngine:
         except BaseException:
             error = True
             raise
+        except RunOverran:
+            raise
         finally:
-            self._metrics.invocation(model, number, latency_s=perf_counter() - started, error=error,
-                                     routed=routed)
+            if not overran:
+                self._metrics.invocation(model, number, latency_s=perf_counter() - started, error=error,
+                                         routed=routed)
 
     def _memory_error(self, model: str, number: int, requested: int) -> MaasError:
         """422 when the request alone asks for more than the whole arena, else 503: others hold it now."""
