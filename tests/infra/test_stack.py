@@ -48,7 +48,9 @@ from maas.settings import (
     ENV_SAGEMAKER_ROLE,
     ENV_STATE_MACHINE,
     ENV_TABLE,
+    ENV_VALIDATION_MEMORY,
     SAGEMAKER_NAME_PREFIX,
+    VALIDATION_PARENT_MB,
 )
 from tests.infra.conftest import Synthesized
 
@@ -228,8 +230,12 @@ def test_functions_memory_timeouts_and_environment(dev: Synthesized) -> None:
     assert by_id["api"]["Environment"]["Variables"][ENV_STATE_MACHINE] == {"Ref": machine_id}
     for step in (*WORKFLOW, ROLLBACK):
         props = function_by_handler(dev, f"handler.{step.name.value}")
-        memory = DEV.optimize_memory_mb if step.name is StepName.OPTIMIZE else DEV.deploy_memory_mb
+        # the smoke test and optimize run the model in the sandbox's child, capped below the function
+        sandboxed = step.name in (StepName.OPTIMIZE, StepName.SMOKE_TEST)
+        memory = DEV.optimize_memory_mb if sandboxed else DEV.deploy_memory_mb
         assert props["Timeout"] >= 60 and props["MemorySize"] == memory
+        child_cap = props["Environment"]["Variables"].get(ENV_VALIDATION_MEMORY)
+        assert child_cap == (str((memory - VALIDATION_PARENT_MB) * 1024 * 1024) if sandboxed else None)
         assert props["Environment"]["Variables"][ENV_SAGEMAKER_ROLE] == {
             "Fn::GetAtt": [dev.logical_id(dev.stack.gpu.execution_role), "Arn"]}
     # log groups keep the stage's retention
