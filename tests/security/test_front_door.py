@@ -26,6 +26,7 @@ from tests.models import InProcessValidator
 IDLE_S = 1.0
 TOTAL_S = 3.0
 BUDGET = 1024 * 1024
+HEADER_S = 1.0
 
 
 @dataclass
@@ -62,14 +63,15 @@ def status_of(sock: socket.socket) -> tuple[int, bytes]:
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[Server]:
-    limits = Limits(body_idle_timeout_s=IDLE_S, body_timeout_s=TOTAL_S, max_buffered_request_bytes=BUDGET)
+    limits = Limits(body_idle_timeout_s=IDLE_S, body_timeout_s=TOTAL_S, max_buffered_request_bytes=BUDGET,
+                    header_timeout_s=HEADER_S)
     settings = Settings(home=tmp_path / "home", limits=limits)
     backend = LocalBackend(settings, validator=InProcessValidator(settings.limits))
     token, _ = backend.ensure_admin_token()
     assert token is not None
     app = create_app(backend, settings, allowed_hosts=["127.0.0.1"])
     sock = bind_socket("127.0.0.1", 0)
-    uvicorn = make_server(app, "127.0.0.1", sock.getsockname()[1], "warning")
+    uvicorn = make_server(app, "127.0.0.1", sock.getsockname()[1], "warning", header_timeout_s=limits.header_timeout_s)
     thread = threading.Thread(target=uvicorn.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
@@ -154,3 +156,51 @@ def test_bodies_beyond_the_shared_budget_get_503_and_the_budget_comes_back(serve
     status, answer = status_of(again)
     assert status not in (503, 408), answer[:300]  # the model is not deployed: its own 404
     again.close()
+
+
+def test_a_connection_that_sends_no_request_is_answered_408_and_closed(server: Server) -> None:
+    """uvicorn arms no timer when a connection opens: a silent one was held for ever."""
+    sock = server.connect()
+    started = time.monotonic()
+    status, answer = status_of(sock)
+    assert status == 408 and b"application/problem+json" in answer and b"header_timeout_s" in answer
+    assert sock.recv(1) == b""  # closed
+    assert HEADER_S <= time.monotonic() - started < HEADER_S + 5
+    sock.close()
+
+
+def test_headers_trickling_in_are_cut_off_at_the_header_deadline(server: Server) -> None:
+    """Slowloris: a header byte now and then cancelled uvicorn's only timer (keep-alive)."""
+    sock = server.connect()
+    sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+    sock.settimeout(0.1)
+    started = time.monotonic()
+    answered, closed = b"", False
+    while time.monotonic() - started < HEADER_S + 5 and not closed:
+        try:
+            sock.sendall(b"X")  # never a complete header line
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            continue
+        except OSError:  # reset by the server
+            closed = True
+            break
+        answered += chunk
+        closed = not chunk
+    assert closed or b" 408 " in answered, "the server kept a trickling connection open"
+    assert HEADER_S <= time.monotonic() - started < HEADER_S + 5
+    sock.close()
+
+
+def test_a_kept_alive_connection_serves_requests_before_and_after_its_deadline_would_have_passed(
+        server: Server) -> None:
+    """The deadline covers headers only: a connection reused across requests is not cut short."""
+    sock = server.connect()
+    for _ in range(3):
+        sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            answer += sock.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+        time.sleep(HEADER_S * 0.6)  # together longer than the deadline, each gap shorter
+    sock.close()

@@ -85,6 +85,9 @@ class Limits(BaseModel):
     #: A request body must keep arriving: at most this long between two chunks, and (uploads aside,
     #: which stream to storage) this long in all. A stranger holding connections open gets a 408.
     body_idle_timeout_s: float = Field(default=30.0, gt=0)
+    #: The request line and headers must all arrive within this long of the connection opening (or of
+    #: the previous response): a silent or trickling connection is answered 408 and closed.
+    header_timeout_s: float = Field(default=10.0, gt=0)
     body_timeout_s: float = Field(default=120.0, gt=0)
     #: Request bytes held in memory across every connection at once (uploads stream and do not count):
     #: past it a request gets 503 with Retry-After instead of more memory.

@@ -16,7 +16,7 @@ from rich.panel import Panel
 from rich.text import Text
 
 from maas.cli import CliError, stderr_console, stdout_console
-from maas.settings import Settings
+from maas.settings import Limits, Settings
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -117,22 +117,26 @@ def show_admin_token(secret: str, home: Path) -> None:
     stdout_console().print(Panel(text, title="admin token created", border_style="green", expand=False))
 
 
-def make_server(app: FastAPI, host: str, port: int, log_level: str, *, access_log: bool = False) -> Any:
+def make_server(app: FastAPI, host: str, port: int, log_level: str, *, access_log: bool = False,
+                header_timeout_s: float = Limits().header_timeout_s) -> Any:
     """A ``uvicorn.Server`` for ``app``; run it with ``server.run(sockets=[bind_socket(host, port)])``.
 
-    uvicorn's "auto" picks httptools and uvloop (installed with the ``api`` extra): its pure-Python
-    h11 parser and asyncio's loop cost about as much per request as a small model."""
+    HTTP is uvicorn's httptools protocol (installed with the ``api`` extra: its pure-Python h11 parser
+    and asyncio's loop cost about as much per request as a small model) with a deadline on request
+    headers (``maas.api.header_deadline``); the loop is uvloop where installed."""
     try:
         import uvicorn
+
+        from maas.api.header_deadline import header_deadline_protocol
     except ModuleNotFoundError:
-        raise CliError(f"the server needs 'uvicorn'; {EXTRAS_HINT}") from None
+        raise CliError(f"the server needs 'uvicorn' and 'httptools'; {EXTRAS_HINT}") from None
     config = uvicorn.Config(
         app,
         host=host,
         port=port,
         log_level=log_level,
         access_log=access_log,
-        http="auto",
+        http=header_deadline_protocol(header_timeout_s),
         loop="auto",
         proxy_headers=False,
         server_header=False,
@@ -160,7 +164,8 @@ def serve(host: str = "127.0.0.1", port: int = 8080, home: Path | None = None, *
         out = stdout_console()
         out.print(Text.assemble(f"maas is serving {settings.home} at ", (url, "bold")), soft_wrap=True)
         out.print(f"API docs: {url}/docs    stop with Ctrl-C", soft_wrap=True)
-        server = make_server(app, host, port, "info", access_log=access_log)
+        server = make_server(app, host, port, "info", access_log=access_log,
+                             header_timeout_s=settings.limits.header_timeout_s)
         from maas.backends.local.maintenance import Maintenance
 
         maintenance = Maintenance(backend).start()
