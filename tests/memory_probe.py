@@ -138,6 +138,13 @@ def main(cap_mib: int) -> dict[str, Any]:
         copies.append(attempt(target, [{"name": "n", "datatype": "INT64", "shape": [1],
                                         "data": [(cap_mib // 2) * MIB // 4]}]))
     report["copies"] = copies
+    # the arena's whole cap stays usable: runs of one shape repeated, then one of twice the size
+    two_fifths = [{"name": "n", "datatype": "INT64", "shape": [1], "data": [(cap_mib * 2 // 5) * MIB // 4]}]
+    fresh = version("repeated", _copy(constant_of_shape(), "repeated"))
+    repeated = [attempt(fresh, two_fifths) for _ in range(3)]
+    repeated.append(attempt(fresh, [{"name": "n", "datatype": "INT64", "shape": [1],
+                                   "data": [(cap_mib * 4 // 5) * MIB // 4]}]))
+    report["repeated"] = repeated
 
     # the arena held by another run's output (onnxruntime's outputs are views of arena memory until
     # released): a run that would fit alone is refused as busy, 503, not counted against its version

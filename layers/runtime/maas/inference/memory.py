@@ -52,10 +52,10 @@ TRIM_AFTER_BYTES = 8 * 1024 * 1024
 LAMBDA_RESERVE_MB = 384
 MIN_INFERENCE_MEMORY_BYTES = 256 * 1024 * 1024
 
-#: An Identity on one float (65 bytes, built with ``onnx.helper``): the run that asks the shared arena to
-#: shrink, so trimming needs no served session and imports no onnx.
-_TRIM_MODEL = (b'\x08\x08:7\n\x10\n\x01x\x12\x01y"\x08Identity\x12\x01tZ\x0f\n\x01x\x12\n\n\x08\x08\x01\x12\x04'
-               b'\n\x02\x08\x01b\x0f\n\x01y\x12\n\n\x08\x08\x01\x12\x04\n\x02\x08\x01B\x04\n\x00\x10\r')
+#: ``y = x + x`` on one float (63 bytes, built with ``onnx.helper``): the run that asks the shared arena
+#: to shrink, so trimming needs no served session and imports no onnx.
+_TRIM_MODEL = (b'\x08\x08:5\n\x0e\n\x01x\n\x01x\x12\x01y"\x03Add\x12\x01tZ\x0f\n\x01x\x12\n\n\x08\x08\x01\x12'
+               b'\x04\n\x02\x08\x01b\x0f\n\x01y\x12\n\n\x08\x08\x01\x12\x04\n\x02\x08\x01B\x04\n\x00\x10\r')
 
 #: onnxruntime's words when the arena cannot give a buffer ("Available memory of X is smaller than
 #: requested bytes of Y"; "Failed to allocate memory for requested buffer of size Y").
@@ -146,8 +146,13 @@ class InferenceMemory:
 
     @staticmethod
     def session_options(options: ort.SessionOptions) -> ort.SessionOptions:
-        """``options`` set to allocate from the shared arena (call after :meth:`install`)."""
+        """``options`` set to allocate from the shared arena (call after :meth:`install`), without
+        onnxruntime's memory patterns: a session that ran one shape twice keeps its pattern's block
+        counted against the cap after the arena shrank (measured: three runs of 100 MiB left 156 of
+        256 MiB to every later run). Without them small models ran no slower here (iris 10.0 against
+        12.8 µs per run, a 3 MB MLP at batch 64 1.37 against 1.35 ms)."""
         options.add_session_config_entry("session.use_env_allocators", "1")
+        options.enable_mem_pattern = False
         return options
 
     def trim(self) -> None:
