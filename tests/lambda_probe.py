@@ -2,7 +2,7 @@
 ``python -m tests.lambda_probe WORKDIR`` prints one JSON line of outcomes.
 
 Its own process because the engine's arena cap is process-wide and, on Lambda, follows the function's
-memory (``AWS_LAMBDA_FUNCTION_MEMORY_SIZE``, set here to 1024: a 640 MiB cap). Deploys are made with
+memory (``AWS_LAMBDA_FUNCTION_MEMORY_SIZE``, set here to 1024: a 320 MiB cap). Deploys are made with
 the services the API would use; requests are API Gateway events with an invoke token.
 """
 

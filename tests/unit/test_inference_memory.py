@@ -112,9 +112,10 @@ def test_allocation_failures_are_recognised_with_their_size() -> None:
     assert allocation_request(RuntimeError("indices element out of data bounds, idx=9")) is None
 
 
-def test_the_cap_defaults_to_the_lambdas_memory_less_its_reserve(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_cap_defaults_to_half_the_lambdas_memory_less_its_reserve(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The other half is the session cache's (weights are not allocated from the arena)."""
     monkeypatch.setenv("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "3008")
-    assert default_inference_memory_bytes() == (3008 - LAMBDA_RESERVE_MB) * MIB
+    assert default_inference_memory_bytes() == (3008 - LAMBDA_RESERVE_MB) * MIB // 2
     monkeypatch.setenv("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "128")
     assert default_inference_memory_bytes() == MIN_INFERENCE_MEMORY_BYTES
     monkeypatch.delenv("AWS_LAMBDA_FUNCTION_MEMORY_SIZE")

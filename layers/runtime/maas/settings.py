@@ -77,7 +77,7 @@ class Limits(BaseModel):
     #: What every served session holds together, weights and working memory: one onnxruntime arena
     #: capped at this many bytes (``maas.inference.memory``). A run that would pass it answers 422 (it
     #: could never fit) or 503 (other runs hold the rest). None: half the machine's (or cgroup's) memory,
-    #: or the Lambda function's memory less 384 MiB.
+    #: or half the Lambda function's memory less 384 MiB.
     inference_memory_bytes: int | None = Field(default=None, ge=64 * 1024 * 1024)
     #: Sessions kept loaded, by the memory each was measured to hold on load (at least its artifact's
     #: bytes); never more than ``inference_memory_bytes``.

@@ -88,10 +88,15 @@ def _physical_bytes() -> int:
 
 
 def default_inference_memory_bytes() -> int:
-    """On Lambda, the function's memory less ``LAMBDA_RESERVE_MB``; elsewhere half of the memory this
-    process may use (the rest is the server's, the page cache's and its neighbours'). Never below 256 MiB."""
+    """On Lambda, half of the function's memory less ``LAMBDA_RESERVE_MB`` (model weights are not the
+    arena's: the session cache, bounded by the same figure, takes the other half); elsewhere half of the
+    memory this process may use (the rest is the server's, the page cache's and its neighbours').
+    Never below 256 MiB."""
     lambda_mb = os.environ.get("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "").strip()
-    wanted = (int(lambda_mb) - LAMBDA_RESERVE_MB) * 1024 * 1024 if lambda_mb.isdigit() else _physical_bytes() // 2
+    if lambda_mb.isdigit():
+        wanted = (int(lambda_mb) - LAMBDA_RESERVE_MB) * 1024 * 1024 // 2
+    else:
+        wanted = _physical_bytes() // 2
     return max(wanted, MIN_INFERENCE_MEMORY_BYTES)
 
 
