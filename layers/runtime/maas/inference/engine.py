@@ -576,37 +576,8 @@ class InferenceEngine:
             checks = self._checks(loaded, version)
             feeds = self._feeds(checks, request)
             names = self._output_names(checks, request.requested_outputs)
-            options = _run_options()
-            deadline = self._limits.max_inference_seconds
-            if inline_deadline_s is not None:
-                deadline = min(deadline, inline_deadline_s)
-            watched = WATCHDOG.arm(options, deadline)
             run_started = perf_counter()
-            try:
-                results = loaded.session.run(names, feeds, options)
-            except Exception as exc:
-                MEMORY.trim()
-                requested = allocation_request(exc)
-                if requested is not None:
-                    WATCHDOG.disarm(watched)
-                    raise self._memory_error(model, number, requested) from None
-                if WATCHDOG.disarm(watched):
-                    if inline_deadline_s is not None and deadline < self._limits.max_inference_seconds:
-                        loaded.inline = False
-                        overran = True
-                        raise RunOverran() from None
-                    raise InferenceTimeout(
-                        f"model {model!r} version {number} ran longer than {self._limits.max_inference_seconds:g} s "
-                        "(max_inference_seconds) on this input and was stopped: send fewer or smaller inputs"
-                    ) from None
-                if _is_invalid_argument(exc):
-                    raise InputRejected(
-                        f"model {model!r} version {number} cannot take this input: {_clean_message(exc)}"
-                    ) from None
-                raise InferenceFailed(
-                    f"model {model!r} version {number} failed on this input: {_clean_message(exc)}"
-                ) from None
-            WATCHDOG.disarm(watched)
+            results = self._run(loaded, version, names, feeds, inline_deadline_s)
             produced = sum(int(getattr(result, "nbytes", 0)) for result in results)
             if produced > self._limits.max_output_bytes:
                 del results  # the arrays may still be the arena's memory: freed before trimming it
@@ -622,15 +593,55 @@ class InferenceEngine:
         except MaasError as exc:
             error = exc.status >= 500 and not isinstance(exc, MemoryBusy)
             raise
+        except RunOverran:
+            overran = True
+            raise
         except BaseException:
             error = True
-            raise
-        except RunOverran:
             raise
         finally:
             if not overran:
                 self._metrics.invocation(model, number, latency_s=perf_counter() - started, error=error,
                                          routed=routed)
+
+    def _run(self, loaded: _Loaded, version: ModelVersion, names: list[str], feeds: dict[str, np.ndarray],
+             inline_deadline_s: float | None) -> list[Any]:
+        """One ``session.run`` under its deadline, its failure classified. An allocation the arena refused
+        while it held free regions (not shrunk after a run that was fast) is tried once more after
+        shrinking: only a run that still does not fit is answered 503."""
+        model, number = version.model, version.version
+        limit = self._limits.max_inference_seconds
+        deadline = limit if inline_deadline_s is None else min(limit, inline_deadline_s)
+        for attempt in (1, 2):
+            options = _run_options()
+            watched = WATCHDOG.arm(options, deadline)
+            try:
+                results: list[Any] = loaded.session.run(names, feeds, options)
+            except Exception as exc:
+                fired = WATCHDOG.disarm(watched)
+                MEMORY.trim()
+                requested = allocation_request(exc)
+                if requested is not None:
+                    if attempt == 1 and requested <= self.memory_cap:
+                        continue
+                    raise self._memory_error(model, number, requested) from None
+                if fired:
+                    if deadline < limit:
+                        loaded.inline = False
+                        raise RunOverran() from None
+                    raise InferenceTimeout(
+                        f"model {model!r} version {number} ran longer than {limit:g} s (max_inference_seconds) "
+                        "on this input and was stopped: send fewer or smaller inputs") from None
+                if _is_invalid_argument(exc):
+                    raise InputRejected(
+                        f"model {model!r} version {number} cannot take this input: {_clean_message(exc)}"
+                    ) from None
+                raise InferenceFailed(
+                    f"model {model!r} version {number} failed on this input: {_clean_message(exc)}"
+                ) from None
+            WATCHDOG.disarm(watched)
+            return results
+        raise AssertionError("unreachable: the second attempt returns or raises")
 
     def _memory_error(self, model: str, number: int, requested: int) -> MaasError:
         """422 when the request alone asks for more than the whole arena, else 503: others hold it now."""

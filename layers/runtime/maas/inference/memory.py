@@ -93,11 +93,8 @@ def default_inference_memory_bytes() -> int:
     memory this process may use (the rest is the server's, the page cache's and its neighbours').
     Never below 256 MiB."""
     lambda_mb = os.environ.get("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "").strip()
-    if lambda_mb.isdigit():
-        wanted = (int(lambda_mb) - LAMBDA_RESERVE_MB) * 1024 * 1024 // 2
-    else:
-        wanted = _physical_bytes() // 2
-    return max(wanted, MIN_INFERENCE_MEMORY_BYTES)
+    total = (int(lambda_mb) - LAMBDA_RESERVE_MB) * 1024 * 1024 if lambda_mb.isdigit() else _physical_bytes()
+    return max(total // 2, MIN_INFERENCE_MEMORY_BYTES)
 
 
 def resident_bytes() -> int:
