@@ -65,12 +65,15 @@ def example_bytes() -> bytes:
     return example_model_path().read_bytes()
 
 
-def push(client: TestClient, name: str, data: bytes, *, create: bool = True) -> dict[str, Any]:
+def push(client: TestClient, name: str, data: bytes, *, create: bool = True,
+         limits: dict[str, Any] | None = None) -> dict[str, Any]:
     """Create (if needed), reserve, upload and commit one version through the HTTP API."""
     if create:
         created = client.post("/models", json={"name": name})
         assert created.status_code in (201, 409), created.text
-    plan = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    plan: dict[str, Any] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    if limits is not None:
+        plan["limits"] = limits
     reserved = client.post(f"/models/{name}/versions", json=plan)
     assert reserved.status_code == 201, reserved.text
     target = reserved.json()

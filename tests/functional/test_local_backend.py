@@ -20,6 +20,7 @@ import pytest
 
 from maas.backends.local import FileArtifactStore, LocalBackend, SqliteRegistry
 from maas.backends.local.backend import ADMIN_TOKEN_FILE, ENV_ADMIN_TOKEN_NAME
+from maas.backends.local.registry import SCHEMA_VERSION
 from maas.domain import (
     Model,
     Scope,
@@ -117,7 +118,7 @@ def test_schema_is_idempotent_and_durable_settings(registry: SqliteRegistry) -> 
     again.close()
     raw = sqlite3.connect(registry.path)
     try:
-        assert raw.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         stored = raw.execute("SELECT created_at FROM models").fetchone()[0]
         assert stored.endswith("+00:00")

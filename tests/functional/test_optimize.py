@@ -30,7 +30,7 @@ def _outputs(data: bytes, x: np.ndarray) -> list[np.ndarray]:
 
 
 def test_optimize_registers_a_smaller_derived_version_within_tolerance(client: TestClient, backend: Any) -> None:
-    parent = push(client, "mlp", quantizable_model())
+    parent = push(client, "mlp", quantizable_model(), limits={"max_inference_seconds": 5})
     assert parent["status"] == "READY"
     answer = client.post("/models/mlp/versions/1/optimize", json={"tolerance": 0.05})
     assert answer.status_code == 201, answer.text
@@ -39,6 +39,7 @@ def test_optimize_registers_a_smaller_derived_version_within_tolerance(client: T
     assert derived["parent_version"] == 1
     assert derived["description"].startswith(f"int8 dynamic quantization of v1 ({report['scheme']} weights, ")
     assert derived["signature"] == parent["signature"]
+    assert derived["limits"] == parent["limits"] == {"max_inference_seconds": 5.0, "max_output_bytes": None}
     assert derived["created_by"] == "admin"
     # int8 weights: a quarter of the float32 bytes, plus the graph
     assert derived["size"] < parent["size"]

@@ -19,6 +19,7 @@ from maas.domain import (
     ModelVersion,
     Page,
     Route,
+    RunLimits,
     Signature,
     Token,
     UploadPlan,
@@ -109,8 +110,8 @@ class Registry(Protocol):
 
     # versions
     def allocate_version(self, model: str, *, created_by: str, upload_id: str, description: str = "",
-                         parent_version: int | None = None) -> ModelVersion:
-        """Atomically take the next version number, recorded as PENDING."""
+                         parent_version: int | None = None, limits: RunLimits | None = None) -> ModelVersion:
+        """Atomically take the next version number, recorded as PENDING (with its own run limits)."""
         ...
 
     def get_version(self, model: str, version: int) -> ModelVersion: ...

@@ -7,7 +7,17 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
-from maas.domain import Alias, Deployment, HealthThresholds, Model, ModelVersion, Route, Scope, UploadTarget
+from maas.domain import (
+    Alias,
+    Deployment,
+    HealthThresholds,
+    Model,
+    ModelVersion,
+    Route,
+    RunLimits,
+    Scope,
+    UploadTarget,
+)
 from maas.domain.names import MODEL_NAME, TOKEN_NAME
 
 
@@ -60,6 +70,8 @@ class CreateModel(Body):
 
 class CreateVersion(Body):
     description: str = Field(default="", max_length=4096)
+    limits: RunLimits | None = Field(default=None, description="The version's own bounds on one run "
+                                     "(max_inference_seconds, max_output_bytes): at most the server's")
     size: int | None = Field(default=None, gt=0, description="Size of the bytes to upload (required on AWS)")
     sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$",
                                description="sha256 of the bytes to upload, hex (required on AWS)")

@@ -407,6 +407,18 @@ def models_push(
                      help="Upload files larger than this in parts of this many MiB (S3 multipart: 5 to 5120; "
                           "default 64). Smaller parts retry faster on slow links."),
     ] = None,
+    max_inference_seconds: Annotated[
+        float | None,
+        typer.Option("--max-inference-seconds", min=0.001, metavar="SECONDS",
+                     help="This version's deadline for one run (default: the server's, 30 s): a request "
+                          "past it is stopped and answered 504. Only tighter than the server's."),
+    ] = None,
+    max_output_mib: Annotated[
+        float | None,
+        typer.Option("--max-output-mib", min=0.001, metavar="MIB",
+                     help="The most output one request may make this version produce (default: the "
+                          "server's, 64 MiB): past it the answer is 422. Only tighter than the server's."),
+    ] = None,
 ) -> None:
     """Upload an ONNX file as the model's next version, then verify and validate it.
 
@@ -415,6 +427,9 @@ def models_push(
     The server then checks the checksum, validates the graph and extracts its signature.
 
     With --optimize, the new version is then quantized to int8 and registered as one more version.
+
+    With --max-inference-seconds or --max-output-mib the version carries its own run limits, tighter
+    than the server's (a model that must answer in 2 s says so here).
 
     Example: maas models push fraud ./model.onnx --description "retrained on May data"
     """
@@ -435,8 +450,14 @@ def models_push(
         def on_progress(sent: int, total: int) -> None:
             progress.update(task, completed=sent, total=total)
 
+        limits: dict[str, Any] = {}
+        if max_inference_seconds is not None:
+            limits["max_inference_seconds"] = max_inference_seconds
+        if max_output_mib is not None:
+            limits["max_output_bytes"] = max(1, int(max_output_mib * 1024 * 1024))
         version = client.push(name, file, description=description, progress=on_progress,
-                              part_size=part_size_mib * 1024 * 1024 if part_size_mib is not None else None)
+                              part_size=part_size_mib * 1024 * 1024 if part_size_mib is not None else None,
+                              limits=limits or None)
         optimized: dict[str, Any] | None = None
         optimize_error: str | None = None
         if optimize:

@@ -501,12 +501,17 @@ class Client:
         sha256: str | None = None,
         part_size: int | None = None,
         part_sha256: Sequence[str] = (),
+        limits: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
         """POST /models/{name}/versions: ``{version (PENDING), upload: {upload_id, url, method, ...}}``.
 
         ``size`` and ``sha256`` announce the bytes (required on AWS, where S3 checks them as they
-        arrive); ``part_size`` and ``part_sha256`` ask for a multipart upload (``upload.parts``)."""
+        arrive); ``part_size`` and ``part_sha256`` ask for a multipart upload (``upload.parts``);
+        ``limits`` the version's own run limits (``max_inference_seconds``, ``max_output_bytes``: at most
+        the server's, which refuses looser ones with 422)."""
         body: dict[str, Any] = {"description": description}
+        if limits:
+            body["limits"] = dict(limits)
         if size is not None:
             body["size"] = int(size)
         if sha256 is not None:
@@ -534,6 +539,7 @@ class Client:
         create: bool = True,
         progress: ProgressCallback | None = None,
         part_size: int | None = None,
+        limits: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Register ``path`` as a new version of ``name`` and return the committed (READY) version.
 
@@ -542,7 +548,7 @@ class Client:
         version so storage can check the bytes as they arrive, uploads to the target the server hands
         out (one PUT, or one PUT per part; ``progress(sent, total)`` per chunk across all parts), then
         commits so the server verifies and validates the artifact. Creates the model first when
-        ``create`` is true and it does not exist.
+        ``create`` is true and it does not exist. ``limits``: see :meth:`create_version`.
         """
         file = Path(path)
         part_bytes = MULTIPART_PART_BYTES if part_size is None else int(part_size)
@@ -556,7 +562,8 @@ class Client:
                 if exc.status != 409:
                     raise
         created = self.create_version(name, description, size=size, sha256=sha256,
-                                      part_size=part_bytes if part_sha256 else None, part_sha256=part_sha256)
+                                      part_size=part_bytes if part_sha256 else None, part_sha256=part_sha256,
+                                      limits=limits)
         version = int(created["version"]["version"])
         upload = created["upload"]
         sent = 0

@@ -84,6 +84,15 @@ class Model(Frozen):
     created_by: str = ""
 
 
+class RunLimits(Frozen):
+    """A version's own bounds on one model run, tighter than the server's (``maas.settings.Limits``),
+    never looser: a version that must answer in 2 s, or whose answers are never over 1 MiB, says so at
+    registration and a request past it is stopped there. None: the server's limit."""
+
+    max_inference_seconds: float | None = Field(default=None, gt=0, le=3600)
+    max_output_bytes: int | None = Field(default=None, gt=0)
+
+
 class ModelVersion(Frozen):
     """A version is immutable once READY; PENDING and FAILED records carry no servable artifact."""
 
@@ -100,6 +109,7 @@ class ModelVersion(Frozen):
     parent_version: int | None = None
     upload_id: str | None = None
     description: str = ""
+    limits: RunLimits | None = None
     created_by: str = ""
     created_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import numpy as np
 
-from maas.domain import ModelVersion, Signature, TensorSpec, VersionStatus
+from maas.domain import ModelVersion, RunLimits, Signature, TensorSpec, VersionStatus
 from maas.errors import (
     InferenceFailed,
     InferenceTimeout,
@@ -296,6 +296,11 @@ class _Checks:
     output_names: frozenset[str]
     #: symbolic dimensions used in more than one place: (name, ((input, axis), ...)); they must agree
     shared_dims: tuple[tuple[str, tuple[tuple[str, int], ...]], ...] = ()
+    #: this version's run bounds: the server's, or the version's own where tighter (``RunLimits``)
+    deadline_s: float = 30.0
+    max_output_bytes: int = 64 * 1024 * 1024
+    #: how errors name the bound: "max_inference_seconds" or "this version's max_inference_seconds"
+    bound_owner: str = ""
 
 
 def _shared_dims(session: ort.InferenceSession) -> tuple[tuple[str, tuple[tuple[str, int], ...]], ...]:
@@ -332,9 +337,17 @@ def _session_signature(session: ort.InferenceSession) -> Signature:
     )
 
 
-def _build_checks(signature: Signature, session: ort.InferenceSession) -> _Checks:
+def _build_checks(signature: Signature, session: ort.InferenceSession, limits: Limits,
+                  own: RunLimits | None) -> _Checks:
     outputs = [spec.name for spec in signature.outputs]
+    deadline, output_cap = limits.max_inference_seconds, limits.max_output_bytes
+    if own is not None:
+        deadline = min(deadline, own.max_inference_seconds or deadline)
+        output_cap = min(output_cap, own.max_output_bytes or output_cap)
     return _Checks(
+        deadline_s=deadline,
+        max_output_bytes=output_cap,
+        bound_owner="this version's " if own is not None else "",
         inputs=tuple(_spec_check(spec) for spec in signature.inputs),
         input_names=frozenset(spec.name for spec in signature.inputs),
         outputs=outputs,
@@ -545,7 +558,8 @@ class InferenceEngine:
         checks = loaded.checks.get(key)
         if checks is None:
             signature = version.signature or _session_signature(loaded.session)
-            checks = loaded.checks.setdefault(key, _build_checks(signature, loaded.session))
+            checks = loaded.checks.setdefault(key, _build_checks(signature, loaded.session, self._limits,
+                                                                 version.limits))
         return checks
 
     # -- inference
@@ -577,15 +591,15 @@ class InferenceEngine:
             feeds = self._feeds(checks, request)
             names = self._output_names(checks, request.requested_outputs)
             run_started = perf_counter()
-            results = self._run(loaded, version, names, feeds, inline_deadline_s)
+            results = self._run(loaded, version, checks, names, feeds, inline_deadline_s)
             produced = sum(int(getattr(result, "nbytes", 0)) for result in results)
-            if produced > self._limits.max_output_bytes:
+            if produced > checks.max_output_bytes:
                 del results  # the arrays may still be the arena's memory: freed before trimming it
                 MEMORY.trim()
                 raise OutputTooLarge(
                     f"model {model!r} version {number} produced {produced} bytes of output for this request, more "
-                    f"than the {self._limits.max_output_bytes}-byte limit (max_output_bytes): send fewer or "
-                    "smaller inputs")
+                    f"than the {checks.max_output_bytes}-byte limit ({checks.bound_owner}max_output_bytes): send "
+                    "fewer or smaller inputs")
             if produced > TRIM_AFTER_BYTES or perf_counter() - run_started > TRIM_AFTER_S:
                 results = _detached(results)
                 MEMORY.trim()
@@ -604,13 +618,13 @@ class InferenceEngine:
                 self._metrics.invocation(model, number, latency_s=perf_counter() - started, error=error,
                                          routed=routed)
 
-    def _run(self, loaded: _Loaded, version: ModelVersion, names: list[str], feeds: dict[str, np.ndarray],
-             inline_deadline_s: float | None) -> list[Any]:
+    def _run(self, loaded: _Loaded, version: ModelVersion, checks: _Checks, names: list[str],
+             feeds: dict[str, np.ndarray], inline_deadline_s: float | None) -> list[Any]:
         """One ``session.run`` under its deadline, its failure classified. An allocation the arena refused
         while it held free regions (not shrunk after a run that was fast) is tried once more after
         shrinking: only a run that still does not fit is answered 503."""
         model, number = version.model, version.version
-        limit = self._limits.max_inference_seconds
+        limit = checks.deadline_s
         deadline = limit if inline_deadline_s is None else min(limit, inline_deadline_s)
         for attempt in (1, 2):
             options = _run_options()
@@ -630,8 +644,8 @@ class InferenceEngine:
                         loaded.inline = False
                         raise RunOverran() from None
                     raise InferenceTimeout(
-                        f"model {model!r} version {number} ran longer than {limit:g} s (max_inference_seconds) "
-                        "on this input and was stopped: send fewer or smaller inputs") from None
+                        f"model {model!r} version {number} ran longer than {limit:g} s ({checks.bound_owner}"
+                        "max_inference_seconds) on this input and was stopped: send fewer or smaller inputs") from None
                 if _is_invalid_argument(exc):
                     raise InputRejected(
                         f"model {model!r} version {number} cannot take this input: {_clean_message(exc)}"

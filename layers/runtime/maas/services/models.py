@@ -15,6 +15,7 @@ from maas.domain import (
     Model,
     ModelVersion,
     Page,
+    RunLimits,
     UploadPlan,
     UploadTarget,
     VersionStatus,
@@ -90,12 +91,15 @@ class ModelService:
 
     # --- versions -----------------------------------------------------------------------------
     def begin_version(self, name: str, *, created_by: str = "", description: str = "",
-                      plan: UploadPlan | None = None, parent_version: int | None = None) -> PendingVersion:
+                      plan: UploadPlan | None = None, parent_version: int | None = None,
+                      limits: RunLimits | None = None) -> PendingVersion:
         """Reserve the next version (PENDING) and an upload for its bytes. ``parent_version`` records
-        lineage for a derived version (e.g. quantized); it must exist (NotFound otherwise)."""
+        lineage for a derived version (e.g. quantized); it must exist (NotFound otherwise). ``limits``:
+        the version's own run limits, at most the server's (``InvalidInput`` naming the field above)."""
         check_model_name(name)
         if len(description) > 4096:
             raise InvalidInput("description must be at most 4096 characters", field="description")
+        limits = self._check_run_limits(limits)
         if parent_version is not None:
             parent_version = check_version_number(parent_version)
         plan = self._check_plan(plan or UploadPlan())
@@ -104,12 +108,29 @@ class ModelService:
         try:
             version = self._registry.allocate_version(
                 name, created_by=created_by, upload_id=upload.upload_id, description=description,
-                parent_version=parent_version,
+                parent_version=parent_version, limits=limits,
             )
         except BaseException:
             self._artifacts.discard_upload(upload.upload_id)
             raise
         return PendingVersion(version=version, upload=upload)
+
+    def _check_run_limits(self, limits: RunLimits | None) -> RunLimits | None:
+        """A version's limits may tighten the server's, never loosen them: a client must not believe a
+        looser bound was applied. Limits that set nothing are not recorded."""
+        if limits is None or (limits.max_inference_seconds is None and limits.max_output_bytes is None):
+            return None
+        seconds, server_seconds = limits.max_inference_seconds, self._limits.max_inference_seconds
+        if seconds is not None and seconds > server_seconds:
+            raise InvalidInput(f"limits.max_inference_seconds is {seconds:g} s, above this server's "
+                               f"max_inference_seconds of {server_seconds:g} s: a version's limits can only be "
+                               "tighter than the server's", field="limits.max_inference_seconds")
+        output, server_output = limits.max_output_bytes, self._limits.max_output_bytes
+        if output is not None and output > server_output:
+            raise InvalidInput(f"limits.max_output_bytes is {output}, above this server's max_output_bytes of "
+                               f"{server_output}: a version's limits can only be tighter than the server's",
+                               field="limits.max_output_bytes")
+        return limits
 
     def abort_version(self, name: str, version: int, reason: str) -> None:
         """Give up on a PENDING version, as a failed commit does: FAILED with ``reason`` (cleanup removes

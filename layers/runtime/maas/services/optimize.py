@@ -160,7 +160,7 @@ class OptimizeService:
         sha256 = hashlib.sha256(derived).hexdigest()
         pending = self._models.begin_version(parent.model, created_by=created_by, description=description,
                                              plan=UploadPlan(size=len(derived), sha256=sha256),
-                                             parent_version=parent.version)
+                                             parent_version=parent.version, limits=parent.limits)
         number = pending.version.version
         try:
             self._artifacts.receive_upload(pending.upload.upload_id, io.BytesIO(derived), len(derived))

@@ -85,7 +85,7 @@ def create_version(name: ModelName, services: ServicesDep, token: Deployer,
     plan = UploadPlan(size=body.size, sha256=body.sha256, part_size=body.part_size,
                       part_sha256=tuple(body.part_sha256))
     pending = services.models.begin_version(name, created_by=token.name, description=body.description,
-                                            plan=plan)
+                                            plan=plan, limits=body.limits)
     return PendingVersionInfo(version=pending.version, upload=pending.upload)
 
 

@@ -38,6 +38,7 @@ from maas.domain import (
     ModelVersion,
     Page,
     Route,
+    RunLimits,
     Signature,
     Token,
     VersionStatus,
@@ -488,7 +489,7 @@ class DynamoRegistry:
     # --- versions ------------------------------------------------------------------------------------
     @translated(WHAT)
     def allocate_version(self, model: str, *, created_by: str, upload_id: str, description: str = "",
-                         parent_version: int | None = None) -> ModelVersion:
+                         parent_version: int | None = None, limits: RunLimits | None = None) -> ModelVersion:
         """Take ``next_version`` N and record version N in one transaction conditioned on the counter
         still being N: of concurrent allocators exactly one wins each number, the others retry.
 
@@ -514,7 +515,7 @@ class DynamoRegistry:
             now = utcnow()
             version = ModelVersion(model=model, version=number, status=VersionStatus.PENDING,
                                    upload_id=upload_id, description=description, created_by=created_by,
-                                   parent_version=parent_version, created_at=now, updated_at=now)
+                                   parent_version=parent_version, limits=limits, created_at=now, updated_at=now)
             actions: list[Item] = [
                 {"Update": {
                     "Key": _meta_key(model),

@@ -27,6 +27,7 @@ from maas.domain import (
     ModelVersion,
     Page,
     Route,
+    RunLimits,
     Signature,
     Token,
     VersionStatus,
@@ -37,7 +38,7 @@ from maas.errors import Conflict, InvalidInput, NotFound, Unavailable
 from maas.ports import StoredArtifact
 from maas.services.cursors import bad_cursor, decode_cursor, encode_cursor, utc_iso
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BUSY_TIMEOUT_S = 30.0
 _INHERITED: list[sqlite3.Connection] = []  # connections a forked child inherited: see close()
 
@@ -64,6 +65,7 @@ CREATE TABLE IF NOT EXISTS versions (
     parent_version     INTEGER,
     upload_id          TEXT,
     description        TEXT NOT NULL,
+    limits             TEXT,
     created_by         TEXT NOT NULL,
     created_at         TEXT NOT NULL,
     updated_at         TEXT NOT NULL,
@@ -100,9 +102,11 @@ CREATE TABLE IF NOT EXISTS tokens (
 
 _VERSION_COLUMNS = (
     "model", "version", "status", "status_reason", "sha256", "size", "storage_key", "storage_version_id",
-    "framework", "signature", "parent_version", "upload_id", "description", "created_by", "created_at",
-    "updated_at",
+    "framework", "signature", "parent_version", "upload_id", "description", "limits", "created_by",
+    "created_at", "updated_at",
 )
+#: Columns added since schema 1, by the schema that added them: (table, column, type).
+_MIGRATIONS: dict[int, tuple[tuple[str, str, str], ...]] = {2: (("versions", "limits", "TEXT"),)}
 assert set(_VERSION_COLUMNS) == set(ModelVersion.model_fields), "versions table out of date"
 
 
@@ -122,15 +126,17 @@ def _model_from_row(row: sqlite3.Row) -> Model:
 
 def _version_from_row(row: sqlite3.Row) -> ModelVersion:
     data = {column: row[column] for column in _VERSION_COLUMNS}
-    if data["signature"] is not None:
-        data["signature"] = json.loads(data["signature"])
+    for column in ("signature", "limits"):
+        if data[column] is not None:
+            data[column] = json.loads(data[column])
     return ModelVersion.model_validate(data)
 
 
 def _version_values(version: ModelVersion) -> dict[str, Any]:
     data = version.model_dump(mode="json")
-    if data["signature"] is not None:
-        data["signature"] = json.dumps(data["signature"], separators=(",", ":"))
+    for column in ("signature", "limits"):
+        if data[column] is not None:
+            data[column] = json.dumps(data[column], separators=(",", ":"))
     data["created_at"] = utc_iso(version.created_at)
     data["updated_at"] = utc_iso(version.updated_at)
     return {column: data[column] for column in _VERSION_COLUMNS}
@@ -257,6 +263,10 @@ class SqliteRegistry:
             if current > SCHEMA_VERSION:
                 raise Unavailable(f"the registry was written by a newer maas (schema {current}); upgrade")
             if current < SCHEMA_VERSION:
+                if current > 0:  # an existing registry: add what later schemas added to its tables
+                    for schema in range(current + 1, SCHEMA_VERSION + 1):
+                        for table, column, kind in _MIGRATIONS.get(schema, ()):
+                            tx.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
                 for statement in _SCHEMA.split(";"):
                     if statement.strip():
                         tx.execute(statement)
@@ -320,7 +330,7 @@ class SqliteRegistry:
 
     # --- versions ----------------------------------------------------------------------------------
     def allocate_version(self, model: str, *, created_by: str, upload_id: str, description: str = "",
-                         parent_version: int | None = None) -> ModelVersion:
+                         parent_version: int | None = None, limits: RunLimits | None = None) -> ModelVersion:
         with self._write() as tx:
             row = tx.execute("SELECT next_version FROM models WHERE name = ?", (model,)).fetchone()
             if row is None:
@@ -334,7 +344,7 @@ class SqliteRegistry:
             now = utcnow()
             version = ModelVersion(model=model, version=number, status=VersionStatus.PENDING,
                                    upload_id=upload_id, description=description, created_by=created_by,
-                                   parent_version=parent_version, created_at=now, updated_at=now)
+                                   parent_version=parent_version, limits=limits, created_at=now, updated_at=now)
             self._insert_version(tx, version)
             tx.execute("UPDATE models SET next_version = ? WHERE name = ?", (number + 1, model))
         return version
