@@ -428,8 +428,7 @@ def models_push(
 
     With --optimize, the new version is then quantized to int8 and registered as one more version.
 
-    With --max-inference-seconds or --max-output-mib the version carries its own run limits, tighter
-    than the server's (a model that must answer in 2 s says so here).
+    With --max-inference-seconds or --max-output-mib the version gets run limits tighter than the server's.
 
     Example: maas models push fraud ./model.onnx --description "retrained on May data"
     """
