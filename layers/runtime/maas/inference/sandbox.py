@@ -154,12 +154,7 @@ class Sandbox:
             answer = self._run("validate", path, {}, timeout=self.limits.validation_timeout_s)
         except _NoVerdict as failure:
             raise ModelRejected(f"validation {failure.reason}") from None
-        if answer.get("ok") is True:
-            try:
-                return Signature.model_validate(answer.get("signature"))
-            except ValueError:
-                raise ModelRejected("validation process returned an unreadable signature") from None
-        raise ModelRejected(_reason(answer, "validation failed"))
+        return _signature(answer)
 
     def smoke_test(self, data: bytes, signature: Signature, what: str) -> None:
         """Run the smoke test of ``data`` (``maas.inference.smoke``) in a child: None when it passed,
@@ -224,18 +219,33 @@ class Sandbox:
                                         env=_child_env(workdir), cwd=workdir, check=False)
             except subprocess.TimeoutExpired:
                 raise _NoVerdict(f"timed out after {timeout:g} s") from None
-        answer = _last_json_line(result.stdout)
-        if answer is not None and result.returncode == 0:
-            return answer
-        code = result.returncode
-        # No verdict: a crash, a kill, or a broken child environment (which would reject every model:
-        # operators need the child's stderr to tell which; users get the one-line reason only).
-        log.warning("%s child gave no verdict (return code %s); stderr tail: %s", job, code,
-                    result.stderr[-2000:].decode("utf-8", "replace"))
-        if code < 0 and -code == signal.SIGXCPU:
-            raise _NoVerdict(f"used more than its CPU time limit of {rlimits['RLIMIT_CPU']} s")
-        detail = f"signal {-code}" if code < 0 else f"exit code {code}"
-        raise _NoVerdict(f"process exceeded its memory limit or crashed ({detail})")
+        return _answer(job, result, rlimits)
+
+
+def _answer(job: str, result: subprocess.CompletedProcess[bytes], rlimits: dict[str, int]) -> dict[str, Any]:
+    """The child's answer line, or ``_NoVerdict`` saying how it ended (killed, crashed, out of CPU)."""
+    answer = _last_json_line(result.stdout)
+    if answer is not None and result.returncode == 0:
+        return answer
+    code = result.returncode
+    # No verdict: a crash, a kill, or a broken child environment (which would reject every model:
+    # operators need the child's stderr to tell which; users get the one-line reason only).
+    log.warning("%s child gave no verdict (return code %s); stderr tail: %s", job, code,
+                result.stderr[-2000:].decode("utf-8", "replace"))
+    if code < 0 and -code == signal.SIGXCPU:
+        raise _NoVerdict(f"used more than its CPU time limit of {rlimits['RLIMIT_CPU']} s")
+    detail = f"signal {-code}" if code < 0 else f"exit code {code}"
+    raise _NoVerdict(f"process exceeded its memory limit or crashed ({detail})")
+
+
+def _signature(answer: dict[str, Any]) -> Signature:
+    """A validate job's answer as a signature, or ``ModelRejected`` with the child's reason."""
+    if answer.get("ok") is True:
+        try:
+            return Signature.model_validate(answer.get("signature"))
+        except ValueError:
+            raise ModelRejected("validation process returned an unreadable signature") from None
+    raise ModelRejected(_reason(answer, "validation failed"))
 
 
 def _reason(answer: dict[str, Any], default: str) -> str:
@@ -257,6 +267,14 @@ class SubprocessValidator:
 
     def validate(self, path: Path) -> Signature:
         return self.sandbox.validate(path)
+
+    def _verdict(self, result: subprocess.CompletedProcess[bytes]) -> Signature:
+        """What a finished validate child's outcome means (its answer, or how it died)."""
+        try:
+            answer = _answer("validate", result, child_rlimits(self.limits))
+        except _NoVerdict as failure:
+            raise ModelRejected(f"validation {failure.reason}") from None
+        return _signature(answer)
 
 
 def sandbox_of(validator: object) -> Sandbox | None:
