@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from maas.errors import InvalidInput, ModelRejected, Unavailable, Unhealthy
-from maas.inference.engine import _session_signature
+from maas.inference.checks import session_signature
 from maas.inference.memory import resident_bytes
 from maas.inference.sandbox import Sandbox, SubprocessValidator, sandbox_of
 from maas.settings import Limits
@@ -23,7 +23,7 @@ LIMITS = Limits(validation_timeout_s=20, validation_memory_bytes=1536 * MIB)
 def signature_of(data: bytes) -> object:
     import onnxruntime as ort
 
-    return _session_signature(ort.InferenceSession(data, providers=["CPUExecutionProvider"]))
+    return session_signature(ort.InferenceSession(data, providers=["CPUExecutionProvider"]))
 
 
 def validated(data: bytes, limits: Limits = LIMITS) -> object:

@@ -1,8 +1,10 @@
-"""The inference engine: onnxruntime sessions cached by artifact sha256, signature checks, metrics.
+"""The inference engine: onnxruntime sessions cached by artifact sha256, signature checks, bounded runs,
+metrics.
 
-The hot path (``InferenceEngine.infer``) does one cache lookup, a handful of precomputed checks per
-input (datatype, rank, fixed dimensions, element cap) and ``session.run``. Per-version checks are
-derived from the version's signature once and kept with the cached session.
+The hot path (``InferenceEngine.infer``) does one cache lookup (``maas.inference.session_cache``), a
+handful of precomputed checks per input (datatype, rank, fixed dimensions, element cap:
+``maas.inference.checks``, derived from the version's signature once and kept with the cached session)
+and ``session.run`` under the run's deadline, in the process's capped arena (``maas.inference.memory``).
 """
 
 from __future__ import annotations
@@ -11,15 +13,14 @@ import hashlib
 import os
 import re
 import threading
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from time import perf_counter
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
-from maas.domain import ModelVersion, RunLimits, Signature, TensorSpec, VersionStatus
+from maas.domain import ModelVersion, VersionStatus
 from maas.errors import (
     InferenceFailed,
     InferenceTimeout,
@@ -32,7 +33,8 @@ from maas.errors import (
     OutputTooLarge,
     StorageCorrupted,
 )
-from maas.inference.codec import DecodedRequest, datatype_to_dtype
+from maas.inference.checks import Checks, build_checks, field_of, session_signature, shape_text, to_strings
+from maas.inference.codec import DecodedRequest
 from maas.inference.deadline import WATCHDOG
 from maas.inference.memory import (
     MEMORY,
@@ -42,6 +44,7 @@ from maas.inference.memory import (
     default_inference_memory_bytes,
     resident_bytes,
 )
+from maas.inference.session_cache import CacheStats, SessionCache
 from maas.ports import Metrics, NullMetrics
 from maas.settings import Limits
 
@@ -105,280 +108,6 @@ def default_session_options() -> ort.SessionOptions:
     return options
 
 
-# ----------------------------------------------------------------------------------------- the cache
-
-
-@dataclass(slots=True)
-class CacheStats:
-    hits: int
-    misses: int
-    evictions: int
-    bytes: int
-    entries: int
-    max_bytes: int
-
-
-@dataclass(slots=True)
-class _Entry(Generic[V]):
-    value: V
-    cost: int
-
-
-@dataclass(slots=True)
-class _Loading:
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    users: int = 0
-
-
-class SessionCache(Generic[V]):
-    """A thread-safe LRU keyed by artifact sha256, bounded by the sum of the entries' costs (bytes).
-
-    ``get_or_load`` runs the loader outside the cache lock, under a per-key lock, so concurrent first
-    requests for one key load it once while other keys stay served. The entry just loaded is always
-    kept, even alone over the budget (a model bigger than the cache still serves, one at a time).
-    A loader that raises caches nothing; the next caller tries again.
-    """
-
-    def __init__(self, max_bytes: int):
-        if max_bytes <= 0:
-            raise ValueError("max_bytes must be positive")
-        self._max_bytes = max_bytes
-        self._lock = threading.Lock()
-        self._entries: OrderedDict[str, _Entry[V]] = OrderedDict()
-        self._loading: dict[str, _Loading] = {}
-        self._bytes = 0
-        self._hits = 0
-        self._misses = 0
-        self._evictions = 0
-
-    def get_or_load(self, key: str, loader: Callable[[], tuple[V, int]]) -> tuple[V, bool]:
-        """The cached value for ``key`` and True, or ``loader()``'s value (cached, cost = its int) and
-        False."""
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is not None:
-                self._entries.move_to_end(key)
-                self._hits += 1
-                return entry.value, True
-            loading = self._loading.get(key)
-            if loading is None:
-                loading = self._loading[key] = _Loading()
-            loading.users += 1
-        try:
-            with loading.lock:
-                with self._lock:
-                    entry = self._entries.get(key)
-                    if entry is not None:  # loaded by the thread we waited for
-                        self._entries.move_to_end(key)
-                        self._hits += 1
-                        return entry.value, True
-                value, cost = loader()
-                with self._lock:
-                    self._misses += 1
-                    self._insert(key, _Entry(value, max(int(cost), 0)))
-                return value, False
-        finally:
-            with self._lock:
-                loading.users -= 1
-                if loading.users == 0 and self._loading.get(key) is loading:
-                    del self._loading[key]
-
-    def _insert(self, key: str, entry: _Entry[V]) -> None:
-        old = self._entries.pop(key, None)
-        if old is not None:
-            self._bytes -= old.cost
-        self._entries[key] = entry
-        self._bytes += entry.cost
-        while self._bytes > self._max_bytes and len(self._entries) > 1:
-            _, evicted = self._entries.popitem(last=False)
-            self._bytes -= evicted.cost
-            self._evictions += 1
-
-    def evict_oldest(self, keep: str | None = None) -> bool:
-        """Drop the least recently used entry other than ``keep``; False when there is none."""
-        with self._lock:
-            for key in self._entries:
-                if key != keep:
-                    evicted = self._entries.pop(key)
-                    self._bytes -= evicted.cost
-                    self._evictions += 1
-                    return True
-            return False
-
-    def get(self, key: str) -> V | None:
-        """The cached value (marked recently used), without loading or counting a hit or miss."""
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is None:
-                return None
-            self._entries.move_to_end(key)
-            return entry.value
-
-    def discard(self, key: str) -> bool:
-        with self._lock:
-            entry = self._entries.pop(key, None)
-            if entry is None:
-                return False
-            self._bytes -= entry.cost
-            return True
-
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
-            self._bytes = 0
-
-    def keys(self) -> list[str]:
-        """Keys from least to most recently used."""
-        with self._lock:
-            return list(self._entries)
-
-    def __contains__(self, key: object) -> bool:
-        with self._lock:
-            return key in self._entries
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._entries)
-
-    @property
-    def max_bytes(self) -> int:
-        return self._max_bytes
-
-    @property
-    def stats(self) -> CacheStats:
-        with self._lock:
-            return CacheStats(
-                hits=self._hits,
-                misses=self._misses,
-                evictions=self._evictions,
-                bytes=self._bytes,
-                entries=len(self._entries),
-                max_bytes=self._max_bytes,
-            )
-
-
-# ------------------------------------------------------------------------------------ signature checks
-
-#: onnxruntime's type strings -> OIP datatypes (used only when a version carries no signature).
-_ORT_TO_OIP = {
-    "tensor(bool)": "BOOL",
-    "tensor(uint8)": "UINT8",
-    "tensor(uint16)": "UINT16",
-    "tensor(uint32)": "UINT32",
-    "tensor(uint64)": "UINT64",
-    "tensor(int8)": "INT8",
-    "tensor(int16)": "INT16",
-    "tensor(int32)": "INT32",
-    "tensor(int64)": "INT64",
-    "tensor(float16)": "FP16",
-    "tensor(float)": "FP32",
-    "tensor(double)": "FP64",
-    "tensor(string)": "BYTES",
-}
-
-
-@dataclass(slots=True, frozen=True)
-class _InputCheck:
-    name: str
-    datatype: str
-    dtype: np.dtype[Any]
-    rank: int
-    fixed: tuple[tuple[int, int], ...]  # (axis, size) of every non-dynamic dimension
-    shape: tuple[int, ...]
-    strings: bool  # BYTES: onnxruntime wants ``str`` elements
-
-
-@dataclass(slots=True, frozen=True)
-class _Checks:
-    inputs: tuple[_InputCheck, ...]
-    input_names: frozenset[str]
-    outputs: list[str]
-    output_names: frozenset[str]
-    #: symbolic dimensions used in more than one place: (name, ((input, axis), ...)); they must agree
-    shared_dims: tuple[tuple[str, tuple[tuple[str, int], ...]], ...] = ()
-    #: this version's run bounds: the server's, or the version's own where tighter (``RunLimits``)
-    deadline_s: float = 30.0
-    max_output_bytes: int = 64 * 1024 * 1024
-    #: how errors name the bound: "max_inference_seconds" or "this version's max_inference_seconds"
-    bound_owner: str = ""
-
-
-def _shared_dims(session: ort.InferenceSession) -> tuple[tuple[str, tuple[tuple[str, int], ...]], ...]:
-    """Named dynamic dimensions (``batch``, ``N``) that several inputs or axes share: onnxruntime
-    would fail on a mismatch, which is the client's error, so it is checked before running."""
-    uses: dict[str, list[tuple[str, int]]] = {}
-    for arg in session.get_inputs():
-        for axis, dim in enumerate(arg.shape or ()):
-            if isinstance(dim, str) and dim:
-                uses.setdefault(dim, []).append((arg.name, axis))
-    return tuple((dim, tuple(places)) for dim, places in uses.items() if len(places) > 1)
-
-
-def _spec_check(spec: TensorSpec) -> _InputCheck:
-    return _InputCheck(
-        name=spec.name,
-        datatype=spec.datatype,
-        dtype=datatype_to_dtype(spec.datatype),
-        rank=len(spec.shape),
-        fixed=tuple((axis, dim) for axis, dim in enumerate(spec.shape) if dim >= 0),
-        shape=tuple(spec.shape),
-        strings=spec.datatype == "BYTES",
-    )
-
-
-def _session_signature(session: ort.InferenceSession) -> Signature:
-    def spec(arg: Any) -> TensorSpec:
-        shape = tuple(dim if isinstance(dim, int) and dim >= 0 else -1 for dim in (arg.shape or ()))
-        return TensorSpec(name=arg.name, datatype=_ORT_TO_OIP.get(arg.type, arg.type), shape=shape)
-
-    return Signature(
-        inputs=tuple(spec(a) for a in session.get_inputs()),
-        outputs=tuple(spec(a) for a in session.get_outputs()),
-    )
-
-
-def _build_checks(signature: Signature, session: ort.InferenceSession, limits: Limits,
-                  own: RunLimits | None) -> _Checks:
-    outputs = [spec.name for spec in signature.outputs]
-    deadline, output_cap = limits.max_inference_seconds, limits.max_output_bytes
-    if own is not None:
-        deadline = min(deadline, own.max_inference_seconds or deadline)
-        output_cap = min(output_cap, own.max_output_bytes or output_cap)
-    return _Checks(
-        deadline_s=deadline,
-        max_output_bytes=output_cap,
-        bound_owner="this version's " if own is not None else "",
-        inputs=tuple(_spec_check(spec) for spec in signature.inputs),
-        input_names=frozenset(spec.name for spec in signature.inputs),
-        outputs=outputs,
-        output_names=frozenset(outputs),
-        shared_dims=_shared_dims(session),
-    )
-
-
-def _shape_text(shape: tuple[int, ...]) -> str:
-    return "[" + ", ".join(str(d) for d in shape) + "]"
-
-
-def _field(request: DecodedRequest, name: str, suffix: str) -> str:
-    index = list(request.inputs).index(name)
-    return f"inputs[{index}]{suffix}"
-
-
-def _to_strings(array: np.ndarray, name: str, field: str) -> np.ndarray:
-    try:
-        items = [item.decode("utf-8") if type(item) is bytes else item for item in array.reshape(-1).tolist()]
-    except UnicodeDecodeError:
-        raise InvalidInput(
-            f"input {name!r}: this model's string input needs UTF-8 text", field=field
-        ) from None
-    if any(type(item) is not str for item in items):
-        raise InvalidInput(f"input {name!r}: BYTES elements must be bytes or text", field=field)
-    out = np.empty(len(items), dtype=object)
-    out[:] = items
-    return out.reshape(array.shape)
-
-
 # -------------------------------------------------------------------------------------- error messages
 
 _ORT_PREFIX = re.compile(r"^\s*\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*\w+\s*:\s*")
@@ -430,7 +159,7 @@ def _clean_message(exc: BaseException) -> str:
 class _Loaded:
     session: ort.InferenceSession
     #: (model, version) -> checks; every version sharing this sha256 shares the session
-    checks: dict[tuple[str, int], _Checks] = field(default_factory=dict)
+    checks: dict[tuple[str, int], Checks] = field(default_factory=dict)
     #: False once a run passed its inline deadline: this session never runs on an event loop again
     inline: bool = True
 
@@ -553,12 +282,12 @@ class InferenceEngine:
         self._metrics.model_load(version.model, version.version, seconds=perf_counter() - started)
         return _Loaded(session), max(len(data), held)
 
-    def _checks(self, loaded: _Loaded, version: ModelVersion) -> _Checks:
+    def _checks(self, loaded: _Loaded, version: ModelVersion) -> Checks:
         key = (version.model, version.version)
         checks = loaded.checks.get(key)
         if checks is None:
-            signature = version.signature or _session_signature(loaded.session)
-            checks = loaded.checks.setdefault(key, _build_checks(signature, loaded.session, self._limits,
+            signature = version.signature or session_signature(loaded.session)
+            checks = loaded.checks.setdefault(key, build_checks(signature, loaded.session, self._limits,
                                                                  version.limits))
         return checks
 
@@ -618,7 +347,7 @@ class InferenceEngine:
                 self._metrics.invocation(model, number, latency_s=perf_counter() - started, error=error,
                                          routed=routed)
 
-    def _run(self, loaded: _Loaded, version: ModelVersion, checks: _Checks, names: list[str],
+    def _run(self, loaded: _Loaded, version: ModelVersion, checks: Checks, names: list[str],
              feeds: dict[str, np.ndarray], inline_deadline_s: float | None) -> list[Any]:
         """One ``session.run`` under its deadline, its failure classified. An allocation the arena refused
         while it held free regions (not shrunk after a run that was fast) is tried once more after
@@ -669,7 +398,7 @@ class InferenceEngine:
             f"{self.memory_cap} bytes all inference may hold (inference_memory_bytes); retry shortly",
             retry_after=1)
 
-    def _feeds(self, checks: _Checks, request: DecodedRequest) -> dict[str, np.ndarray]:
+    def _feeds(self, checks: Checks, request: DecodedRequest) -> dict[str, np.ndarray]:
         inputs = request.inputs
         declared = request.datatypes
         feeds: dict[str, np.ndarray] = {}
@@ -679,7 +408,7 @@ class InferenceEngine:
             array = inputs.get(name)
             if array is None:
                 raise InvalidInput(
-                    f"input {name!r} ({check.datatype} {_shape_text(check.shape)}) is missing",
+                    f"input {name!r} ({check.datatype} {shape_text(check.shape)}) is missing",
                     field="inputs",
                 )
             datatype = declared.get(name, check.datatype)
@@ -687,29 +416,29 @@ class InferenceEngine:
                 got = datatype if datatype != check.datatype else str(array.dtype)
                 raise InvalidInput(
                     f"input {name!r} must be {check.datatype}, got {got}",
-                    field=_field(request, name, ".datatype"),
+                    field=field_of(request, name, ".datatype"),
                 )
             shape = array.shape
             if len(shape) != check.rank:
                 raise InvalidInput(
-                    f"input {name!r} must have rank {check.rank} (shape {_shape_text(check.shape)}), "
-                    f"got rank {len(shape)} (shape {_shape_text(shape)})",
-                    field=_field(request, name, ".shape"),
+                    f"input {name!r} must have rank {check.rank} (shape {shape_text(check.shape)}), "
+                    f"got rank {len(shape)} (shape {shape_text(shape)})",
+                    field=field_of(request, name, ".shape"),
                 )
             for axis, size in check.fixed:
                 if shape[axis] != size:
                     raise InvalidInput(
-                        f"input {name!r} must have shape {_shape_text(check.shape)} (-1 = any size), "
-                        f"got {_shape_text(shape)}: dimension {axis} must be {size}",
-                        field=_field(request, name, ".shape"),
+                        f"input {name!r} must have shape {shape_text(check.shape)} (-1 = any size), "
+                        f"got {shape_text(shape)}: dimension {axis} must be {size}",
+                        field=field_of(request, name, ".shape"),
                     )
             if array.size > max_elements:
                 raise InvalidInput(
                     f"input {name!r} has {array.size} elements, the limit is {max_elements}",
-                    field=_field(request, name, ".shape"),
+                    field=field_of(request, name, ".shape"),
                 )
             if check.strings:
-                array = _to_strings(array, name, _field(request, name, ".data"))
+                array = to_strings(array, name, field_of(request, name, ".data"))
             feeds[name] = array
         for dim, places in checks.shared_dims:
             sizes = {(name, axis): feeds[name].shape[axis] for name, axis in places if name in feeds}
@@ -728,7 +457,7 @@ class InferenceEngine:
         return feeds
 
     @staticmethod
-    def _output_names(checks: _Checks, requested: list[str] | None) -> list[str]:
+    def _output_names(checks: Checks, requested: list[str] | None) -> list[str]:
         if requested is None:
             return checks.outputs
         known = checks.output_names

@@ -16,8 +16,9 @@ import numpy as np
 
 from maas.domain import ModelVersion, Signature, TensorSpec
 from maas.errors import Unhealthy
+from maas.inference.checks import session_signature
 from maas.inference.codec import datatype_to_dtype
-from maas.inference.engine import InferenceEngine, _clean_message, _session_signature
+from maas.inference.engine import InferenceEngine, _clean_message
 
 if TYPE_CHECKING:
     from maas.inference.sandbox import Sandbox
@@ -127,7 +128,7 @@ class SmokeTest:
 
     def _signature(self, version: ModelVersion) -> Signature:
         """A version recorded without a signature: the session's own (as the engine checks it)."""
-        return _session_signature(self.engine.session(version))
+        return session_signature(self.engine.session(version))
 
 
 __all__ = ["SmokeTest", "check_outputs", "run_smoke_test", "smoke_inputs"]
