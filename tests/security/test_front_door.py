@@ -160,21 +160,21 @@ def test_bodies_beyond_the_shared_budget_get_503_and_the_budget_comes_back(serve
 
 def test_a_connection_that_sends_no_request_is_answered_408_and_closed(server: Server) -> None:
     """uvicorn arms no timer when a connection opens: a silent one was held for ever."""
-    sock = server.connect()
     started = time.monotonic()
+    sock = server.connect()
     status, answer = status_of(sock)
     assert status == 408 and b"application/problem+json" in answer and b"header_timeout_s" in answer
     assert sock.recv(1) == b""  # closed
-    assert HEADER_S <= time.monotonic() - started < HEADER_S + 5
+    assert HEADER_S - 0.05 <= time.monotonic() - started < HEADER_S + 5  # timers may fire a hair early
     sock.close()
 
 
 def test_headers_trickling_in_are_cut_off_at_the_header_deadline(server: Server) -> None:
     """Slowloris: a header byte now and then cancelled uvicorn's only timer (keep-alive)."""
+    started = time.monotonic()  # the deadline runs from the connection
     sock = server.connect()
     sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: 127.0.0.1\r\n")
     sock.settimeout(0.1)
-    started = time.monotonic()
     answered, closed = b"", False
     while time.monotonic() - started < HEADER_S + 5 and not closed:
         try:
@@ -188,7 +188,7 @@ def test_headers_trickling_in_are_cut_off_at_the_header_deadline(server: Server)
         answered += chunk
         closed = not chunk
     assert closed or b" 408 " in answered, "the server kept a trickling connection open"
-    assert HEADER_S <= time.monotonic() - started < HEADER_S + 5
+    assert HEADER_S - 0.05 <= time.monotonic() - started < HEADER_S + 5  # timers may fire a hair early
     sock.close()
 
 
