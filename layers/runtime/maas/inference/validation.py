@@ -28,7 +28,6 @@ tracebacks: the reason is shown to the uploader and stored on the FAILED version
 
 from __future__ import annotations
 
-import logging
 import math
 import re
 from collections.abc import Iterator
@@ -46,8 +45,6 @@ from maas.errors import ModelRejected
 from maas.inference.signature import quote_name, signature_from_model
 from maas.settings import MIN_VALIDATION_MEMORY_BYTES as MIN_VALIDATION_MEMORY
 from maas.settings import Limits
-
-log = logging.getLogger(__name__)
 
 #: Operator domains onnxruntime implements natively. Anything else needs a custom-op library (native
 #: code) or is unknown, so a model using it could not run on a stock runtime anyway.
