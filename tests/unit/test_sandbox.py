@@ -77,7 +77,7 @@ def test_optimization_refusals_cross_the_sandbox_as_the_same_errors() -> None:
     assert goal.value.field == "goal"
     model = quantizable_model()
     with pytest.raises(ModelRejected) as timed_out:
-        Sandbox(LIMITS.model_copy(update={"optimize_timeout_s": 0.5})).quantize(model, signature_of(model), 0.05,
+        Sandbox(LIMITS.model_copy(update={"optimize_timeout_s": 0.01})).quantize(model, signature_of(model), 0.05,
                                                                                goal="size")
     assert "optimization timed out" in timed_out.value.detail
 
